@@ -1,0 +1,206 @@
+"""In-memory data sets served as whole-batch tensor slices.
+
+A data set supplies arrays (train, test, and optionally an unlabelled transfer set); this base
+class carves out the validation split, appends the transfer set for distillation, and serves
+batches ``(x, y, index)``. Unlabelled samples carry ``y = -1``: hard-label losses skip them,
+distillation terms use them. ``index`` addresses the sample in the training set, for caches of
+teacher outputs and for contrastive methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdbench.errors import ConfigError, KdbenchError
+
+UNLABELLED = -1
+
+
+class BatchTensorDataset(Dataset):
+    """Tensors indexed a whole batch at a time (``__getitems__``), not one sample per call."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.index = torch.arange(len(x))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], self.index[i]
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        return self.x[idx], self.y[idx], idx
+
+
+def _identity(batch):
+    return batch
+
+
+class ArrayDataModule(L.LightningDataModule):
+    """Base for data sets that fit in memory. Subclasses implement :meth:`generate`."""
+
+    name = "arrays"
+    num_classes: int
+    has_generator = False  # can make an unlabelled transfer set of any size
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str,
+        batch_size: int = 128,
+        val_size: int = 400,
+        split_seed: int = 0,
+        transfer_size: int = 0,
+        eval_batch_size: int = 1024,
+        **generation: object,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.data_dir = Path(os.path.expanduser(str(data_dir)))
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.val_size = int(val_size)
+        self.split_seed = int(split_seed)
+        self.transfer_size = int(transfer_size)
+        self.generation = generation
+        self.use_transfer = False  # set by the scheme when distillation terms need it
+        self.augment = False  # no random augmentation: teacher outputs are fixed per sample
+        self._check()
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    # -- subclass interface -------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def generate(self) -> dict[str, np.ndarray]:
+        """Return ``x``, ``y``, ``x_test``, ``y_test`` and, if any, ``x_transfer``."""
+        raise NotImplementedError
+
+    # -- validation -----------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("dataset.batch_size", self.batch_size, "must be a positive integer")
+        if self.val_size < 1:
+            raise ConfigError("dataset.val_size", self.val_size, "must be a positive integer")
+        if self.transfer_size < 0:
+            raise ConfigError(
+                "dataset.transfer_size",
+                self.transfer_size,
+                "must be >= 0 (0 means no transfer set)",
+            )
+        if self.transfer_size > 0 and not self.has_generator:
+            raise ConfigError(
+                "dataset.transfer_size",
+                self.transfer_size,
+                f"dataset {self.name} cannot generate unlabelled samples: set it to 0",
+            )
+
+    def cache_key(self) -> dict:
+        """Everything that determines the arrays and the splits (not where they live)."""
+        return {
+            "name": self.name,
+            "val_size": self.val_size,
+            "split_seed": self.split_seed,
+            "transfer_size": self.transfer_size,
+            **{k: v for k, v in sorted(self.generation.items())},
+        }
+
+    # -- arrays, cached on disk ---------------------------------------------------------
+    def _cache_path(self, what: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        return self.data_dir / f"{self.name}-{digest[:16]}.npz"
+
+    def load_cached(self, what: dict, make) -> dict[str, np.ndarray]:
+        """Arrays from ``data_dir`` if there, else ``make()`` written atomically (never half)."""
+        path = self._cache_path(what)
+        if path.exists():
+            try:
+                with np.load(path) as f:
+                    return {k: f[k] for k in f.files}
+            except (OSError, ValueError) as exc:  # unreadable: regenerate over it
+                print(f"kdbench: regenerating unreadable data cache {path} ({exc})")
+        arrays = make()
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.data_dir, suffix=".tmp.npz")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise KdbenchError(
+                f"cannot write the data cache in dataset.data_dir={str(self.data_dir)!r}: {exc}; "
+                "point dataset.data_dir (or KDBENCH_CACHE_DIR) at a writable directory"
+            ) from None
+        return arrays
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self.generate()
+            n_train = len(self._arrays["y"])
+            if self.val_size >= n_train:
+                raise ConfigError(
+                    "dataset.val_size",
+                    self.val_size,
+                    f"must be smaller than the {n_train} training samples",
+                )
+        return self._arrays
+
+    def prepare_data(self) -> None:
+        self.arrays()
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_x"):
+            return
+        a = self.arrays()
+        x = torch.as_tensor(a["x"], dtype=torch.float32).reshape(-1, *self.input_shape)
+        y = torch.as_tensor(a["y"], dtype=torch.long)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+        val, train = perm[: self.val_size], perm[self.val_size :]
+        self.train_x, self.train_y = x[train], y[train]
+        self.val_x, self.val_y = x[val], y[val]
+        self.test_x = torch.as_tensor(a["x_test"], dtype=torch.float32).reshape(
+            -1, *self.input_shape
+        )
+        self.test_y = torch.as_tensor(a["y_test"], dtype=torch.long)
+        if "x_transfer" in a and self.transfer_size > 0:
+            xt = torch.as_tensor(a["x_transfer"], dtype=torch.float32).reshape(
+                -1, *self.input_shape
+            )
+            self.transfer_x = xt[: self.transfer_size]
+        else:
+            self.transfer_x = x[:0]
+
+    # -- loaders ------------------------------------------------------------------------
+    def distill_set(self) -> BatchTensorDataset:
+        """Labelled training samples, then (if used) the unlabelled transfer samples."""
+        x, y = self.train_x, self.train_y
+        if self.use_transfer and len(self.transfer_x):
+            unl = torch.full((len(self.transfer_x),), UNLABELLED, dtype=torch.long)
+            x, y = torch.cat([x, self.transfer_x]), torch.cat([y, unl])
+        return BatchTensorDataset(x, y)
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_identity)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.distill_set(), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(BatchTensorDataset(self.val_x, self.val_y), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(
+            BatchTensorDataset(self.test_x, self.test_y), self.eval_batch_size, False
+        )

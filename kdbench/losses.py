@@ -1,0 +1,400 @@
+"""Distillation losses as pure functions of tensors.
+
+Every formula follows ``METHODS.md`` (the reference-code variant where paper and code differ).
+Conventions shared by all functions:
+
+- logits are ``B x C`` with the class axis at dim 1; the batch size ``B`` is ``shape[0]``;
+- inputs are cast to float32 first, so bf16/fp16 tensors are safe, and every loss is a 0-dim
+  float32 tensor that keeps the autograd graph of the student arguments;
+- teacher arguments are expected to be detached by the caller (only ``rkd_loss`` wraps its
+  teacher side in ``torch.no_grad()`` itself, as the reference code does);
+- ``KL(p || q) = sum_c p_c (log p_c - log q_c)``; "mean" is over every element of a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention_loss",
+    "attention_map",
+    "dist_loss",
+    "dkd_loss",
+    "fitnet_loss",
+    "hard_label_loss",
+    "kd_loss",
+    "logit_standardize",
+    "nst_loss",
+    "pkt_loss",
+    "reverse_kd_loss",
+    "rkd_loss",
+    "sp_loss",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers (private)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_same_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{name}: student and teacher shapes differ: "
+            f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
+        )
+
+
+def _check_temperature(name: str, temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature!r}")
+
+
+def _check_logits(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    _check_same_shape(name, student, teacher)
+    if student.dim() < 2:
+        raise ValueError(
+            f"{name}: logits must be B x C (class axis at dim 1), got shape {tuple(student.shape)}"
+        )
+
+
+def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Summed KL(p || q) over every element, given log p and log q (p = exp(log p))."""
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def _pool_to_common_size(
+    name: str, student: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-average-pool the larger spatial map(s) of a pair down to the smaller size."""
+    if student.dim() not in (3, 4) or teacher.dim() != student.dim():
+        raise ValueError(
+            f"{name}: features must both be B x C x L or both B x C x H x W, got shapes "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    s_size, t_size = tuple(student.shape[2:]), tuple(teacher.shape[2:])
+    if s_size == t_size:
+        return student, teacher
+    target = tuple(min(s, t) for s, t in zip(s_size, t_size, strict=True))
+    pool = F.adaptive_avg_pool1d if student.dim() == 3 else F.adaptive_avg_pool2d
+    if s_size != target:
+        student = pool(student, target)
+    if t_size != target:
+        teacher = pool(teacher, target)
+    return student, teacher
+
+
+# --------------------------------------------------------------------------------------------
+# response-based (logits)
+# --------------------------------------------------------------------------------------------
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
+) -> torch.Tensor:
+    """Hinton KD: ``T^2 * (1/B) * sum_i KL(softmax(z_t,i / T) || softmax(z_s,i / T))``."""
+    _check_logits("kd_loss", student_logits, teacher_logits)
+    _check_temperature("kd_loss", temperature)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    batch = student_logits.shape[0]
+    return temperature**2 * _kl_from_log_probs(log_p_t, log_p_s) / batch
+
+
+def reverse_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
+) -> torch.Tensor:
+    """Reverse KD: ``T^2 * (1/B) * sum_i KL(softmax(z_s,i / T) || softmax(z_t,i / T))``."""
+    _check_logits("reverse_kd_loss", student_logits, teacher_logits)
+    _check_temperature("reverse_kd_loss", temperature)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    batch = student_logits.shape[0]
+    return temperature**2 * _kl_from_log_probs(log_p_s, log_p_t) / batch
+
+
+def hard_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Label transfer: ``(1/B) * sum_i CE(argmax_c z_t,i, z_s,i)`` (mean cross-entropy)."""
+    _check_logits("hard_label_loss", student_logits, teacher_logits)
+    pseudo_labels = teacher_logits.argmax(dim=1)
+    return F.cross_entropy(student_logits.float(), pseudo_labels)
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """Decoupled KD: ``alpha * TCKD + beta * NCKD`` (no warm-up; the caller applies it).
+
+    With ``p = softmax(z / T)`` and ``g`` the target class:
+    ``TCKD = T^2 * (1/B) * sum_i KL([p_t,g, 1 - p_t,g] || [p_s,g, 1 - p_s,g])`` and
+    ``NCKD = T^2 * (1/B) * sum_i KL(q_t || q_s)``, ``q = softmax(z / T - 1000 * onehot(g))``
+    (the reference code subtracts 1000 from the target entry of the tempered logits).
+    """
+    _check_logits("dkd_loss", student_logits, teacher_logits)
+    _check_temperature("dkd_loss", temperature)
+    if student_logits.dim() != 2:
+        raise ValueError(f"dkd_loss: logits must be B x C, got {tuple(student_logits.shape)}")
+    if target.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"dkd_loss: target must have shape ({student_logits.shape[0]},), "
+            f"got {tuple(target.shape)}"
+        )
+    batch, num_classes = student_logits.shape
+    labels = target.long().unsqueeze(1)
+    gt_mask = F.one_hot(labels.squeeze(1), num_classes).bool()
+    z_s = student_logits.float() / temperature
+    z_t = teacher_logits.float() / temperature
+
+    def binary_log_probs(z: torch.Tensor) -> torch.Tensor:
+        # [log p_g, log(1 - p_g)], with 1 - p_g = sum of the non-target probabilities
+        log_p = F.log_softmax(z, dim=1)
+        log_target = log_p.gather(1, labels).squeeze(1)
+        log_other = torch.logsumexp(log_p.masked_fill(gt_mask, float("-inf")), dim=1)
+        return torch.stack([log_target, log_other], dim=1)
+
+    tckd = temperature**2 * _kl_from_log_probs(binary_log_probs(z_t), binary_log_probs(z_s))
+    offset = 1000.0 * gt_mask.float()
+    log_q_s = F.log_softmax(z_s - offset, dim=1)
+    log_q_t = F.log_softmax(z_t - offset, dim=1)
+    nckd = temperature**2 * _kl_from_log_probs(log_q_t, log_q_s)
+    return (alpha * tckd + beta * nckd) / batch
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Row-wise Pearson correlation as the cosine similarity of the centred rows."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """DIST: ``tau^2 * (beta * inter + gamma * intra)`` with ``y = softmax(z / tau)``.
+
+    ``inter = 1 - mean_i rho(y_s[i, :], y_t[i, :])`` (per sample, across classes),
+    ``intra = 1 - mean_c rho(y_s[:, c], y_t[:, c])`` (per class, across samples), ``rho`` the
+    Pearson correlation as the cosine similarity of the centred vectors:
+    ``rho(a, b) = <a - mean a, b - mean b> / (|a - mean a| * |b - mean b| + 1e-8)``.
+    """
+    _check_logits("dist_loss", student_logits, teacher_logits)
+    _check_temperature("dist_loss", temperature)
+    if student_logits.dim() != 2:
+        raise ValueError(f"dist_loss: logits must be B x C, got {tuple(student_logits.shape)}")
+    y_s = F.softmax(student_logits.float() / temperature, dim=1)
+    y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    inter = 1.0 - _pearson_rows(y_s, y_t).mean()
+    intra = 1.0 - _pearson_rows(y_s.t(), y_t.t()).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def logit_standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation: ``(z - mean_c z) / (std_c z + eps)``, unbiased std over dim 1.
+
+    Returns a float32 tensor of the input's shape (not a loss).
+    """
+    if logits.dim() < 2:
+        raise ValueError(
+            f"logit_standardize: logits must be B x C (class axis at dim 1), "
+            f"got shape {tuple(logits.shape)}"
+        )
+    z = logits.float()
+    mean = z.mean(dim=1, keepdim=True)
+    std = z.std(dim=1, keepdim=True, unbiased=True)
+    return (z - mean) / (std + eps)
+
+
+# --------------------------------------------------------------------------------------------
+# feature-based (hints)
+# --------------------------------------------------------------------------------------------
+
+
+def fitnet_loss(student_regressed: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """FitNet hint loss: ``mean((r(f_s) - f_t)^2)`` over every element."""
+    if student_regressed.shape != teacher_feature.shape:
+        raise ValueError(
+            "fitnet_loss: the regressed student feature must have the teacher feature's shape, "
+            f"got {tuple(student_regressed.shape)} vs {tuple(teacher_feature.shape)}; "
+            "the regressor must map the student's hint to the teacher's shape"
+        )
+    return F.mse_loss(student_regressed.float(), teacher_feature.float(), reduction="mean")
+
+
+# --------------------------------------------------------------------------------------------
+# attention-based
+# --------------------------------------------------------------------------------------------
+
+
+def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Attention map: ``a(f) = l2_normalize_over_spatial(mean_over_C(f^p))``, shape ``B x prod(S)``.
+
+    ``feature`` is ``B x C x S...`` (e.g. ``B x C x L`` or ``B x C x H x W``).
+    """
+    if feature.dim() < 3:
+        raise ValueError(
+            "attention_map: feature must have a spatial axis (B x C x L or B x C x H x W), "
+            f"got shape {tuple(feature.shape)}"
+        )
+    a = feature.float().pow(p).mean(dim=1).flatten(start_dim=1)
+    return F.normalize(a, p=2.0, dim=1, eps=1e-12)
+
+
+def attention_loss(
+    student_features: list[torch.Tensor], teacher_features: list[torch.Tensor], p: float = 2.0
+) -> torch.Tensor:
+    """Attention transfer: ``sum_stages mean((a(f_s) - a(f_t))^2)``.
+
+    When the spatial sizes of a pair differ, the larger map is adaptive-average-pooled to the
+    smaller one before the attention maps are taken.
+    """
+    if len(student_features) != len(teacher_features):
+        raise ValueError(
+            "attention_loss: need one teacher feature per student feature, got "
+            f"{len(student_features)} student and {len(teacher_features)} teacher features"
+        )
+    if len(student_features) == 0:
+        raise ValueError("attention_loss: the feature lists are empty")
+    losses = []
+    for index, (f_s, f_t) in enumerate(zip(student_features, teacher_features, strict=True)):
+        if f_s.dim() < 3 or f_t.dim() < 3:
+            raise ValueError(
+                f"attention_loss: stage {index} has no spatial axis, shapes "
+                f"{tuple(f_s.shape)} and {tuple(f_t.shape)} (need B x C x L or B x C x H x W)"
+            )
+        f_s, f_t = _pool_to_common_size(f"attention_loss (stage {index})", f_s.float(), f_t.float())
+        losses.append((attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean())
+    return torch.stack(losses).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# relation-based (between samples)
+# --------------------------------------------------------------------------------------------
+
+
+def _rkd_distances(e: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances normalised by their positive mean; ``diff[a, b] = e_b - e_a``."""
+    d = diff.pow(2).sum(dim=2).clamp(min=1e-12).sqrt()
+    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    d = d.masked_fill(eye, 0.0)
+    return d / d[d > 0].mean()
+
+
+def _rkd_angles(diff: torch.Tensor) -> torch.Tensor:
+    """All ``psi_ijk = <u_ij, u_kj>`` flattened; ``u_ij = normalize(e_i - e_j)``."""
+    # diff[j, i] = e_i - e_j, so unit[j, i] = u_ij and bmm(...)[j, i, k] = <u_ij, u_kj>
+    unit = F.normalize(diff, p=2.0, dim=2)
+    return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
+
+
+def rkd_loss(
+    student_embedding: torch.Tensor,
+    teacher_embedding: torch.Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> torch.Tensor:
+    """Relational KD: ``distance_weight * L_D + angle_weight * L_A``.
+
+    ``d_ij = ||e_i - e_j||`` (squared distance clamped at 1e-12 before the sqrt, diagonal 0)
+    divided by the mean of the positive ``d_ij``; ``L_D = SmoothL1(d_s, d_t)`` (mean).
+    ``psi_ijk = <u_ij, u_kj>``, ``u_ij = l2_normalize(e_i - e_j)``; ``L_A = SmoothL1(psi_s,
+    psi_t)`` (mean). Embeddings are flattened to ``B x D``; the teacher side runs under
+    ``torch.no_grad()``.
+    """
+    if student_embedding.shape[0] != teacher_embedding.shape[0]:
+        raise ValueError(
+            "rkd_loss: student and teacher batch sizes differ: "
+            f"{student_embedding.shape[0]} vs {teacher_embedding.shape[0]}"
+        )
+    if student_embedding.shape[0] < 2:
+        raise ValueError("rkd_loss: needs a batch of at least 2 samples")
+    e_s = student_embedding.float().reshape(student_embedding.shape[0], -1)
+    e_t = teacher_embedding.float().reshape(teacher_embedding.shape[0], -1)
+
+    with torch.no_grad():
+        diff_t = e_t.unsqueeze(0) - e_t.unsqueeze(1)
+        d_t = _rkd_distances(e_t, diff_t)
+        psi_t = _rkd_angles(diff_t)
+    diff_s = e_s.unsqueeze(0) - e_s.unsqueeze(1)
+    d_s = _rkd_distances(e_s, diff_s)
+    psi_s = _rkd_angles(diff_s)
+
+    loss_distance = F.smooth_l1_loss(d_s, d_t, reduction="mean")
+    loss_angle = F.smooth_l1_loss(psi_s, psi_t, reduction="mean")
+    return distance_weight * loss_distance + angle_weight * loss_angle
+
+
+def pkt_loss(
+    student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, eps: float = 1e-7
+) -> torch.Tensor:
+    """PKT: ``mean_ij(P_t * log((P_t + eps) / (P_s + eps)))``.
+
+    ``x_hat = x / (||x|| + eps)``, ``K = (x_hat x_hat^T + 1) / 2``, ``P = K / row sums of K``;
+    embeddings are flattened to ``B x D``.
+    """
+    if student_embedding.shape[0] != teacher_embedding.shape[0]:
+        raise ValueError(
+            "pkt_loss: student and teacher batch sizes differ: "
+            f"{student_embedding.shape[0]} vs {teacher_embedding.shape[0]}"
+        )
+
+    def conditional_probabilities(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().reshape(x.shape[0], -1)
+        x = x / (x.norm(dim=1, keepdim=True) + eps)
+        k = (x @ x.t() + 1.0) / 2.0
+        return k / k.sum(dim=1, keepdim=True)
+
+    p_s = conditional_probabilities(student_embedding)
+    p_t = conditional_probabilities(teacher_embedding)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """Similarity preserving: ``||G_t - G_s||_F^2 / B^2``.
+
+    ``G = normalize_rows(F F^T)`` with ``F`` the feature flattened to ``B x D``.
+    """
+    if student_feature.shape[0] != teacher_feature.shape[0]:
+        raise ValueError(
+            "sp_loss: student and teacher batch sizes differ: "
+            f"{student_feature.shape[0]} vs {teacher_feature.shape[0]}"
+        )
+    batch = student_feature.shape[0]
+
+    def similarity(f: torch.Tensor) -> torch.Tensor:
+        f = f.float().reshape(batch, -1)
+        return F.normalize(f @ f.t(), p=2.0, dim=1)
+
+    return (similarity(teacher_feature) - similarity(student_feature)).pow(2).sum() / batch**2
+
+
+def nst_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """Neuron selectivity transfer: squared MMD with the kernel ``k(x, y) = (x^T y)^2``.
+
+    Each channel's activations over the spatial positions are l2-normalised (``B x C x HW``);
+    per sample, ``K(a, b) = (a b^T)^2`` (``C_a x C_b``) and
+    ``L = mean_b[K(s, s).mean() + K(t, t).mean() - 2 K(s, t).mean()]``. The larger spatial map
+    is adaptive-average-pooled to the smaller one first.
+    """
+    if student_feature.shape[0] != teacher_feature.shape[0]:
+        raise ValueError(
+            "nst_loss: student and teacher batch sizes differ: "
+            f"{student_feature.shape[0]} vs {teacher_feature.shape[0]}"
+        )
+    f_s, f_t = _pool_to_common_size("nst_loss", student_feature.float(), teacher_feature.float())
+    s = F.normalize(f_s.flatten(start_dim=2), p=2.0, dim=2)
+    t = F.normalize(f_t.flatten(start_dim=2), p=2.0, dim=2)
+
+    def kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+    return kernel_mean(s, s) + kernel_mean(t, t) - 2.0 * kernel_mean(s, t)

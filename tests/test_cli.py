@@ -1,0 +1,148 @@
+"""The command line end to end, in a temporary directory: what a user types and sees."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import mlflow_runs, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def cwd(tmp_path) -> Path:
+    return tmp_path
+
+
+def test_cli_run_records_a_finished_mlflow_run_in_the_working_directory(cwd, workdir):
+    # default tracking URI: sqlite:///mlflow.db in the working directory
+    proc = run_cli(
+        "seed=1", cwd=cwd, env={"MLFLOW_TRACKING_URI": None, "KDBENCH_PRINT_METRICS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"test/acc=0\.\d+", proc.stdout)
+    assert (cwd / "mlflow.db").exists()
+    client, runs = mlflow_runs("kdbench", uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    tags = r.data.tags
+    assert {
+        k: tags[k]
+        for k in ("method", "knowledge", "scheme", "teacher", "student", "dataset", "seed")
+    } == {
+        "method": "kd",
+        "knowledge": "response",
+        "scheme": "offline",
+        "teacher": "cnn1d",
+        "student": "mlp",
+        "dataset": "mnist1d",
+        "seed": "1",
+    }
+    m = r.data.metrics
+    assert 0 <= m["test/acc"] <= 1 and 0 <= m["test/acc_best"] <= 1 and 0 <= m["test/ece"] <= 1
+    assert m["student/params"] == 15210 and m["teacher/params"] == 1650  # the tiny teacher
+    assert r.data.params["method.temperature"] == "4.0"
+    assert "train/kd" in m and "train/ce" in m
+    # nothing generated into the working directory but the MLflow store and Hydra's outputs
+    assert {p.name for p in cwd.iterdir()} <= {"mlflow.db", "outputs", "mlruns", "mlartifacts"}
+
+
+def test_help_and_cfg_job_work(cwd):
+    proc = run_cli("--help", cwd=cwd, tiny=False)
+    assert proc.returncode == 0
+    for group in ("dataset:", "method:", "scheme:", "student:", "teacher:", "trainer:"):
+        assert group in proc.stdout
+    assert "rkd" in proc.stdout and "mnist1d" in proc.stdout
+    proc = run_cli("--cfg", "job", "method=rkd", cwd=cwd, tiny=False)
+    assert proc.returncode == 0 and "name: rkd" in proc.stdout and "seed: 0" in proc.stdout
+
+
+def test_multirun_sweep_runs_every_combination(cwd, workdir):
+    uri = f"sqlite:///{cwd / 'sweep.db'}"
+    proc = run_cli("-m", "method=none,kd", "seed=0,1", cwd=cwd, env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = mlflow_runs("kdbench", uri=uri)
+    combos = sorted((r.data.tags["method"], r.data.tags["seed"]) for r in runs)
+    assert combos == [("kd", "0"), ("kd", "1"), ("none", "0"), ("none", "1")]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+BAD = [
+    (["method.temperature=0"], "method.temperature=0 is invalid: must be a finite number > 0"),
+    (["method.temperature=-1"], "method.temperature=-1 is invalid"),
+    (["method.alpha=-0.5"], "method.alpha=-0.5 is invalid: must be a finite number >= 0"),
+    (["dataset.transfer_size=-5"], "dataset.transfer_size=-5 is invalid: must be >= 0"),
+    (
+        ["student.taps.hint=nope", "method=fitnet"],
+        "student.taps.hint='nope' is not a module of MLP; its modules are: flatten, hidden",
+    ),
+    (["method=at"], "method=at needs spatial feature maps (stages) but student mlp has none"),
+    (["method=none", "method.beta=1"], "method none has no method term"),
+    (
+        ["dataset=digits", "dataset.transfer_size=100"],
+        "dataset digits cannot generate unlabelled samples",
+    ),
+    (
+        ["teacher.checkpoint=/nonexistent/teacher.pt"],
+        "teacher.checkpoint='/nonexistent/teacher.pt' does not exist",
+    ),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[a[0] for a, _ in BAD])
+def test_bad_input_gives_one_line_exit_2_and_no_run(cwd, args, message):
+    uri = f"sqlite:///{cwd / 'bad.db'}"
+    tiny = not any(a.startswith("dataset=") for a in args)  # TINY is for mnist1d
+    proc = run_cli(*args, cwd=cwd, env={"MLFLOW_TRACKING_URI": uri}, tiny=tiny)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("kdbench: error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    _, runs = mlflow_runs("kdbench", uri=uri)
+    assert runs == []
+
+
+def test_unknown_group_option_lists_the_options(cwd):
+    proc = run_cli("method=nosuch", cwd=cwd)
+    assert proc.returncode != 0
+    assert "Could not find 'method/nosuch'" in proc.stderr and "rkd" in proc.stderr
+
+
+def test_unreadable_and_mismatched_teacher_checkpoints(cwd):
+    junk = cwd / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    proc = run_cli(f"teacher.checkpoint={junk}", cwd=cwd)
+    assert (
+        proc.returncode == 2 and "is not a readable weights-only PyTorch checkpoint" in proc.stderr
+    )
+    wrong = cwd / "wrong.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    proc = run_cli(f"teacher.checkpoint={wrong}", cwd=cwd)
+    assert proc.returncode == 2 and "does not fit teacher.arch=cnn1d" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_teacher_checkpoint_is_loaded_instead_of_training(cwd):
+    from kdbench.models import create_model
+
+    model = create_model("cnn1d", num_classes=10, input_shape=(1, 40), channels=[8, 8, 16, 16])
+    path = cwd / "teacher.pt"
+    torch.save(model.state_dict(), path)
+    uri = f"sqlite:///{cwd / 'ckpt.db'}"
+    proc = run_cli(f"teacher.checkpoint={path}", cwd=cwd, env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training teacher" not in proc.stdout
+    _, runs = mlflow_runs("kdbench", uri=uri)
+    assert runs[0].data.tags["teacher_source"] == "checkpoint"
+
+
+def test_unwritable_data_directory_is_a_clear_error(cwd):
+    blocker = cwd / "file"
+    blocker.write_text("x")
+    proc = run_cli(f"dataset.data_dir={blocker}/data", "dataset.seed=4242", cwd=cwd)
+    assert proc.returncode == 2
+    assert "cannot write the data cache in dataset.data_dir" in proc.stderr

@@ -1,0 +1,183 @@
+"""The run pipeline in-process: methods on the default pair, teacher freezing and caching."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import compose, mlflow_runs
+
+from kdbench.errors import KdbenchError
+from kdbench.run import prepare, run
+
+
+def _tag_experiment(name):
+    return [f"mlflow.experiment={name}"]
+
+
+@pytest.mark.parametrize(
+    "method,student",
+    [
+        ("none", "mlp"),
+        ("hard", "mlp"),
+        ("kd", "mlp"),
+        ("fitnet", "mlp"),
+        ("rkd", "mlp"),
+        ("fitnet", "cnn1d_small"),
+        ("at", "cnn1d_small"),
+        ("rkd", "cnn1d_small"),
+    ],
+)
+def test_every_method_runs_and_records_a_finished_run(method, student):
+    exp = f"methods-{method}-{student}"
+    metrics = run(compose(f"method={method}", f"student={student}", *_tag_experiment(exp)))
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    # tiny teacher (channels 8, 8, 16, 16): counted by hand as in test_models_data
+    assert metrics["teacher/params"] == (5 * 8 + 16) + (8 * 8 * 3 + 16) + (8 * 16 * 3 + 32) + (
+        16 * 16 * 3 + 32
+    ) + (16 * 10 + 10)
+    client, runs = mlflow_runs(exp)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    r = runs[0].data
+    assert r.tags["method"] == method and r.tags["student"] == (
+        "mlp" if student == "mlp" else "cnn1d"
+    )
+    assert (
+        r.tags["scheme"] == "offline" and r.tags["dataset"] == "mnist1d" and r.tags["seed"] == "0"
+    )
+    for key in (
+        "test/acc",
+        "test/acc_best",
+        "teacher/test/acc",
+        "student/params",
+        "teacher/params",
+        "test/agreement",
+        "test/ece",
+    ):
+        assert key in r.metrics, key
+    assert r.params["method.name"] == method
+    history = client.get_metric_history(runs[0].info.run_id, "val/acc")
+    assert len(history) == 2  # one per epoch
+    if method != "none":
+        train_terms = {k for k in r.metrics if k.startswith("train/")}
+        expected = {
+            "none": set(),
+            "hard": {"hard"},
+            "kd": {"kd"},
+            "fitnet": {"fitnet"},
+            "rkd": {"rkd"},
+            "at": {"at"},
+        }[method]
+        assert {f"train/{t}" for t in expected} <= train_terms
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"config.yaml", "student.pt"} <= artifacts
+
+
+def test_attention_transfer_on_the_mlp_student_fails_before_training():
+    with pytest.raises(KdbenchError, match="method=at needs spatial feature maps"):
+        prepare(compose("method=at", "student=mlp"))
+
+
+def test_fitnet_regressor_trains_but_is_not_part_of_the_student():
+    ctx = prepare(compose("method=fitnet", "student=mlp"))
+    reg = ctx.method.term.regressor
+    assert sum(p.numel() for p in reg.parameters()) > 0
+    student_ids = {id(p) for p in ctx.student.parameters()}
+    assert not any(id(p) in student_ids for p in reg.parameters())
+
+
+class _Recorder:
+    pass
+
+
+def test_frozen_teacher_is_unchanged_and_in_eval_mode_through_training():
+    import lightning as L
+
+    from kdbench.run import make_trainer
+    from kdbench.schemes.offline import Offline
+    from kdbench.teacher import resolve_teacher
+
+    cfg = compose("method=fitnet", "student=cnn1d_small", "teacher_output_cache.enabled=false")
+    ctx = prepare(cfg)
+    ctx.dm.prepare_data()
+    ctx.dm.setup()
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp())
+    from kdbench.run import train_teacher
+
+    resolve_teacher(cfg, ctx.dm, ctx.teacher.model, lambda m: train_teacher(cfg, ctx.dm, m, root))
+    before = copy.deepcopy(ctx.teacher.model.state_dict())
+    student_before = copy.deepcopy(ctx.student.model.state_dict())
+    modes = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append(
+                (
+                    module.teacher.training,
+                    module.student.training,
+                    any(m.training for m in module.teacher.modules()),
+                )
+            )
+
+    module = Offline.from_context(ctx)
+    trainer = make_trainer(cfg, root, logger=False, enable_checkpointing=False, callbacks=[Watch()])
+    trainer.fit(module, datamodule=ctx.dm)
+    after = ctx.teacher.model.state_dict()
+    for key, value in before.items():  # weights and BatchNorm running statistics
+        assert torch.equal(value, after[key]), key
+    assert any("running_mean" in k for k in before)
+    assert modes and all(t is False and s is True and not any_t for t, s, any_t in modes)
+    assert all(not p.requires_grad for p in ctx.teacher.parameters())
+    changed = [
+        k
+        for k, v in ctx.student.model.state_dict().items()
+        if not torch.equal(v, student_before[k])
+    ]
+    assert changed  # the student did learn
+
+
+def test_teacher_is_cached_and_reused_and_keyed_by_what_determines_it():
+    m1 = run(compose("method=kd", "mlflow.experiment=cache", "teacher.seed=7"))
+    _, runs = mlflow_runs("cache")
+    assert runs[0].data.tags["teacher_source"] == "trained"
+    m2 = run(compose("method=kd", "mlflow.experiment=cache", "teacher.seed=7", "seed=1"))
+    _, runs = mlflow_runs("cache")
+    sources = sorted(r.data.tags["teacher_source"] for r in runs)
+    assert sources == ["cache", "trained"]
+    assert m1["teacher/test/acc"] == m2["teacher/test/acc"]
+    # the student's batch size does not determine the teacher; its own seed does
+    run(compose("method=kd", "mlflow.experiment=cache2", "teacher.seed=7", "dataset.batch_size=32"))
+    run(compose("method=kd", "mlflow.experiment=cache2", "teacher.seed=8"))
+    _, runs = mlflow_runs("cache2")
+    assert sorted(r.data.tags["teacher_source"] for r in runs) == ["cache", "trained"]
+
+
+def test_same_seed_gives_the_same_result():
+    a = run(compose("method=kd", "mlflow.experiment=det", "seed=3"))
+    b = run(compose("method=kd", "mlflow.experiment=det", "seed=3"))
+    assert a["test/acc"] == b["test/acc"] and a["val/acc_best"] == b["val/acc_best"]
+
+
+def test_teacher_output_cache_gives_the_same_training_as_a_teacher_forward_per_step():
+    a = run(compose("method=rkd", "student=cnn1d_small", "mlflow.experiment=tcache"))
+    b = run(
+        compose(
+            "method=rkd",
+            "student=cnn1d_small",
+            "mlflow.experiment=tcache",
+            "teacher_output_cache.enabled=false",
+        )
+    )
+    assert a["test/acc"] == pytest.approx(b["test/acc"], abs=1e-6)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_term_and_marks_it_failed():
+    # a learning rate this large blows the weights up after the first step
+    with pytest.raises(KdbenchError, match=r"loss term '(ce|kd)' became (nan|inf|-inf) at epoch 0"):
+        run(compose("method=kd", "optim.lr=1e30", "mlflow.experiment=nanloss"))
+    _, runs = mlflow_runs("nanloss")
+    assert [r.info.status for r in runs] == ["FAILED"]
