@@ -88,6 +88,23 @@ def to_markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pivot_markdown(table, column: str = "scheme") -> str:
+    """Methods as rows, the values of ``column`` (e.g. scheme) as columns: mean ± std test acc."""
+    cols = sorted(table[column].unique())
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cells = {(r.method, getattr(r, column)): r for r in table.itertuples(index=False)}
+    for method in dict.fromkeys(table.sort_values("method")["method"]):
+        row = []
+        for c in cols:
+            r = cells.get((method, c))
+            std = 0.0 if r is None or r.acc_std != r.acc_std else r.acc_std
+            row.append(
+                "n/a" if r is None else f"{100 * r.acc_mean:.2f} ± {100 * std:.2f} (n={r.n})"
+            )
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kdbench.leaderboard", description=__doc__)
     p.add_argument(
@@ -95,12 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--experiment", default="kdbench")
     p.add_argument("--out", help="write the table as Markdown to this file")
+    p.add_argument("--pivot", help="one column per value of this tag (e.g. scheme)")
     args = p.parse_args(argv)
     table = summarize(load_runs(args.tracking_uri, args.experiment))
     if table.empty:
         print("no FINISHED runs", file=sys.stderr)
         raise SystemExit(1)
-    md = to_markdown(table)
+    md = pivot_markdown(table, args.pivot) if args.pivot else to_markdown(table)
     print(md)
     if args.out:
         with open(args.out, "w") as f:

@@ -213,16 +213,27 @@ class Method(nn.Module):
         """An independent copy (own auxiliary modules), e.g. one per direction between peers."""
         return copy.deepcopy(self)
 
+    def hard_label_terms(self, s: Outputs, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``gamma * CE`` on the labelled samples."""
+        return {"ce": self.gamma * masked_cross_entropy(s.logits, y)} if self.gamma > 0 else {}
+
+    def distill_terms(
+        self, s: Outputs, t: Outputs, y: torch.Tensor, epoch: int
+    ) -> dict[str, torch.Tensor]:
+        """``alpha * KD`` and ``beta * term`` towards the (detached) teacher outputs ``t``."""
+        terms: dict[str, torch.Tensor] = {}
+        if self.alpha > 0:
+            terms["kd"] = self.alpha * kd_loss(s.logits, t.logits, self.temperature)
+        if self.term is not None and self.beta > 0:
+            terms[self.name] = self.beta * self.term(s, t, y, epoch)
+        return terms
+
     def forward(
         self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int
     ) -> dict[str, torch.Tensor]:
-        terms: dict[str, torch.Tensor] = {}
-        if self.gamma > 0:
-            terms["ce"] = self.gamma * masked_cross_entropy(s.logits, y)
-        if t is not None and self.alpha > 0:
-            terms["kd"] = self.alpha * kd_loss(s.logits, t.logits, self.temperature)
-        if t is not None and self.term is not None and self.beta > 0:
-            terms[self.name] = self.beta * self.term(s, t, y, epoch)
+        terms = self.hard_label_terms(s, y)
+        if t is not None:
+            terms.update(self.distill_terms(s, t, y, epoch))
         return terms
 
 

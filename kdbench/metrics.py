@@ -26,3 +26,9 @@ def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int 
         if in_bin.any():
             ece += in_bin.float().mean() * (correct[in_bin].mean() - conf[in_bin].mean()).abs()
     return ece.item()
+
+
+def ensemble_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Log of the members' mean probability: its softmax is the average of their softmaxes."""
+    probs = torch.stack([z.float().softmax(1) for z in logits]).mean(0)
+    return probs.clamp_min(1e-12).log()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ class Context:
     method: object
     student: object
     teacher: object | None
+    scheme: type | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -65,33 +65,66 @@ def _container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
-def build_model(cfg: DictConfig, role: str, dm):
-    """A registered model for ``role`` ('teacher' or 'student') wrapped with its feature taps."""
+def build_network(spec: DictConfig, dm, role: str):
+    """A registered model from a teacher/student spec, wrapped with its feature taps."""
     from kdbench.models import create_model
     from kdbench.taps import TappedModel, resolve_taps
 
-    rcfg = cfg[role]
-    kwargs = _container(rcfg.get("kwargs"))
+    kwargs = _container(spec.get("kwargs"))
     model = create_model(
-        rcfg.arch, num_classes=dm.num_classes, input_shape=dm.input_shape, **kwargs
+        spec.arch, num_classes=dm.num_classes, input_shape=dm.input_shape, **kwargs
     )
-    taps = resolve_taps(model, _container(rcfg.get("taps")), role)
-    return TappedModel(model, taps)
+    return TappedModel(model, resolve_taps(model, _container(spec.get("taps")), role))
 
 
-def attach_method(method, student, teacher, cfg: DictConfig, dm) -> None:
-    """Check that ``method`` suits the pair and build its modules, on a dummy batch."""
+def build_model(cfg: DictConfig, role: str, dm):
+    """The network for ``role`` ('teacher' or 'student'); an ensemble builds all members."""
+    if role == "teacher" and cfg.teacher.arch == "ensemble":
+        from kdbench.teacher import build_ensemble
+
+        return build_ensemble(cfg, dm, lambda spec: build_network(spec, dm, "teacher"))
+    return build_network(cfg[role], dm, role)
+
+
+def attach_method(method, student, teacher, cfg: DictConfig, dm, roles=("student", "teacher")):
+    """Check that ``method`` suits the pair and build its modules, on a dummy batch.
+
+    ``roles`` name the configs the two models come from (for the error messages)."""
     import torch
+
+    from kdbench.teacher import EnsembleTeacher
 
     if method.term is None or method.beta == 0:
         return
+    if isinstance(teacher, EnsembleTeacher) and teacher.feature_member is None:
+        raise ConfigError(
+            "teacher.feature_member",
+            None,
+            f"method={cfg.method.name} needs teacher features: name the ensemble member (an index) "
+            "whose features it uses",
+        )
     x = torch.zeros(2, *dm.input_shape)
     modes = student.training, teacher.training
     student.eval(), teacher.eval()
     with torch.no_grad():
         s, t = student(x, method.taps), teacher(x, method.taps)
     student.train(modes[0]), teacher.train(modes[1])
-    method.term.build(cfg.method.name, s, t, cfg.student.arch, cfg.teacher.arch)
+    names = [str(cfg[r].get("name", cfg[r].arch)) if r in cfg else r for r in roles]
+    method.term.build(cfg.method.name, s, t, *names)
+
+
+def scheme_class(cfg: DictConfig):
+    from hydra.utils import get_class
+
+    from kdbench.schemes.base import SchemeModule
+
+    try:
+        cls = get_class(cfg.scheme._target_)
+    except Exception:  # noqa: BLE001 - any import problem is a bad _target_
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, SchemeModule)):
+        raise ConfigError("scheme._target_", cfg.scheme.get("_target_"), "must name a SchemeModule")
+    return cls
 
 
 def prepare(cfg: DictConfig) -> Context:
@@ -105,11 +138,20 @@ def prepare(cfg: DictConfig) -> Context:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = checked_instantiate(cfg.dataset, _convert_="all")
     method = build_method(cfg.method)
-    student = build_model(cfg, "student", dm)
+    scheme = scheme_class(cfg)
+    if cfg.teacher.arch == "ensemble" and not scheme.accepts_teacher_ensemble:
+        raise ConfigError(
+            "teacher",
+            "ensemble",
+            f"an ensemble of pre-trained teachers works with scheme=offline, not "
+            f"scheme={cfg.scheme.name}",
+        )
+    student = build_model(cfg, scheme.student_role, dm)
     teacher = build_model(cfg, "teacher", dm)
-    attach_method(method, student, teacher, cfg, dm)
+    ctx = Context(cfg, dm, method, student, teacher, scheme)
+    scheme.prepare(ctx)
     dm.use_transfer = method.uses_teacher
-    return Context(cfg, dm, method, student, teacher)
+    return ctx
 
 
 def make_trainer(cfg: DictConfig, root: Path, **overrides):
@@ -118,46 +160,6 @@ def make_trainer(cfg: DictConfig, root: Path, **overrides):
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(overrides)
     return L.Trainer(default_root_dir=str(root), **kwargs)
-
-
-def train_teacher(cfg: DictConfig, dm, model, root: Path) -> dict:
-    """Train the teacher from scratch on the labelled data alone (CE), its own seed and recipe."""
-    import lightning as L
-    import torch
-
-    from kdbench.methods import Method
-    from kdbench.schemes.offline import Offline
-    from kdbench.taps import TappedModel
-
-    start = time.perf_counter()
-    use_transfer, dm.use_transfer = dm.use_transfer, False
-    batch_size, dm.batch_size = dm.batch_size, cfg.teacher.batch_size
-    try:
-        with torch.random.fork_rng():
-            L.seed_everything(cfg.teacher.seed, workers=True, verbose=False)
-            for m in model.modules():  # same init as a fresh model under teacher.seed
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-            module = Offline(
-                TappedModel(model, {}), None, Method("none", "none", 1, 0, 0, 1), cfg.teacher.optim
-            )
-            trainer = make_trainer(
-                cfg,
-                root / "teacher",
-                max_epochs=cfg.teacher.epochs,
-                logger=False,
-                enable_checkpointing=False,
-            )
-            trainer.fit(module, datamodule=dm)
-            trainer.test(module, datamodule=dm, verbose=False)
-    finally:
-        dm.use_transfer, dm.batch_size = use_transfer, batch_size
-    model.eval()
-    return {
-        "test_acc": module.test_metrics["test/acc"],
-        "val_acc": module.best_val_acc,
-        "train_seconds": time.perf_counter() - start,
-    }
 
 
 def _output_dir() -> Path:
@@ -169,14 +171,56 @@ def _output_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="kdbench-"))
 
 
+class Runner:
+    """Fits and tests scheme modules of one experiment into one MLflow run."""
+
+    def __init__(self, cfg: DictConfig, dm, root: Path, logger) -> None:
+        self.cfg, self.dm, self.root, self.logger = cfg, dm, root, logger
+        self.artifacts = root / "artifacts"
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+
+    def fit_and_test(self, module, student_model, name: str = "") -> dict[str, float]:
+        """Fit ``module``; test the last epoch (``test/acc`` ...) and the best validation epoch
+        (``test/acc_best`` ...); save the student's state dicts as artifacts."""
+        import lightning as L
+        import torch
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        ckpt = ModelCheckpoint(
+            dirpath=self.root / "checkpoints" / (name or "run"),
+            filename="best",
+            monitor="val/acc",
+            mode="max",
+            save_last=False,
+            save_weights_only=True,
+        )
+        trainer = make_trainer(self.cfg, self.root, logger=self.logger, callbacks=[ckpt])
+        L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        trainer.fit(module, datamodule=self.dm)
+        module.test_tag = "last"
+        trainer.test(module, datamodule=self.dm, verbose=False)
+        metrics = dict(module.test_metrics)
+        prefix = f"{name}_" if name else ""
+        torch.save(student_model.state_dict(), self.artifacts / f"{prefix}student.pt")
+        if ckpt.best_model_path:
+            last = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            module.test_tag = "best"
+            trainer.test(module, datamodule=self.dm, ckpt_path=ckpt.best_model_path, verbose=False)
+            metrics.update(module.test_metrics)
+            torch.save(student_model.state_dict(), self.artifacts / f"{prefix}student_best.pt")
+            module.load_state_dict(last)  # the module leaves with its last-epoch weights
+            module.test_tag = "last"
+        else:  # no validation ran: the last epoch is the only candidate
+            metrics["test/acc_best"] = metrics["test/acc"]
+        metrics["val/acc_best"] = module.best_val_acc
+        return metrics
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics."""
     _quiet_lightning()
     ctx = prepare(cfg)
-    import lightning as L
     import torch
-    from hydra.utils import get_class
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from kdbench import tracking
     from kdbench.models import count_parameters
@@ -185,68 +229,33 @@ def run(cfg: DictConfig) -> dict[str, float]:
     root = _output_dir()
     ctx.dm.prepare_data()
     ctx.dm.setup()
-    ctx.info["teacher"] = resolve_teacher(
-        cfg, ctx.dm, ctx.teacher.model, lambda m: train_teacher(cfg, ctx.dm, m, root)
-    )
-    scheme_cls = get_class(cfg.scheme._target_)
+    if ctx.scheme.needs_pretrained_teacher:
+        ctx.info["teacher"] = resolve_teacher(cfg, ctx.dm, ctx.teacher, root)
 
-    logger = tracking.make_logger(cfg)
+    logger = tracking.make_logger(cfg, ctx.scheme.student_role)
     try:
         tracking.log_config(logger, cfg)
-        module = scheme_cls.from_context(ctx)
-        ckpt = ModelCheckpoint(
-            dirpath=root / "checkpoints",
-            filename="best",
-            monitor="val/acc",
-            mode="max",
-            save_last=False,
-            save_weights_only=True,
-        )
-        trainer = make_trainer(cfg, root, logger=logger, callbacks=[ckpt])
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        trainer.fit(module, datamodule=ctx.dm)
-        module.test_tag = "last"
-        trainer.test(module, datamodule=ctx.dm, verbose=False)
-        metrics = dict(module.test_metrics)
-        art = root / "artifacts"
-        art.mkdir(parents=True, exist_ok=True)
-        torch.save(ctx.student.model.state_dict(), art / "student.pt")
-        if ckpt.best_model_path:
-            module.test_tag = "best"
-            trainer.test(module, datamodule=ctx.dm, ckpt_path=ckpt.best_model_path, verbose=False)
-            metrics.update(module.test_metrics)
-            torch.save(ctx.student.model.state_dict(), art / "student_best.pt")
-        else:  # no validation ran: the last epoch is the only candidate
-            metrics.update(
-                {
-                    k.replace("test/acc", "test/acc_best"): v
-                    for k, v in module.test_metrics.items()
-                    if k == "test/acc"
-                }
-            )
-        metrics["val/acc_best"] = module.best_val_acc
+        runner = Runner(cfg, ctx.dm, root, logger)
+        metrics = ctx.scheme.execute(ctx, runner)
         metrics["student/params"] = count_parameters(ctx.student.model)
         metrics["teacher/params"] = count_parameters(ctx.teacher.model)
-        metrics["aux/params"] = count_parameters(ctx.method)
+        metrics["aux/params"] = count_parameters(ctx.method) + ctx.info.get("aux_params", 0)
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
-        logger.experiment.set_tag(logger.run_id, "teacher_source", ctx.info["teacher"]["source"])
-        (art / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        for path in sorted(art.iterdir()):
+        source = ctx.info.get("teacher", {}).get("source", "none")
+        logger.experiment.set_tag(logger.run_id, "teacher_source", source)
+        (runner.artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        for path in sorted(runner.artifacts.iterdir()):
             logger.experiment.log_artifact(logger.run_id, str(path))
         tracking.set_status(logger, "FINISHED")
     except BaseException as exc:
         tracking.set_status(logger, "FAILED")
-        if isinstance(exc, KdbenchError | KeyboardInterrupt):
-            raise
         if isinstance(exc, torch.OutOfMemoryError):
             raise KdbenchError("out of memory: lower dataset.batch_size") from exc
         raise
     metrics["run_id"] = logger.run_id
     if os.environ.get("KDBENCH_PRINT_METRICS", "1") == "1":
-        print(
-            "kdbench: "
-            + ", ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-            )
+        shown = ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
         )
+        print("kdbench: " + shown)
     return metrics

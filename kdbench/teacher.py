@@ -1,5 +1,10 @@
-"""The teacher of an offline run: loaded from ``teacher.checkpoint`` or trained once and cached,
-keyed by a hash of everything that determines it (architecture, data, training recipe, seed)."""
+"""Teachers: loaded from a checkpoint or trained once and cached, keyed by a hash of everything
+that determines them (architecture, data, training recipe, seed); and the multi-teacher ensemble.
+
+A teacher *spec* is the ``teacher`` config (or one of ``teacher.members`` for ``teacher=ensemble``,
+with the recipe keys it leaves out taken from ``teacher``): ``arch``, ``kwargs``, ``taps``,
+``checkpoint``, ``seed``, ``epochs``, ``batch_size``, ``optim``.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,49 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdbench.errors import KdbenchError
+from kdbench.errors import ConfigError, KdbenchError
+from kdbench.metrics import ensemble_logits
+from kdbench.taps import Outputs
 
 CACHE_VERSION = 1
+RECIPE_KEYS = ("seed", "epochs", "batch_size", "optim")
 
 
-def teacher_key(cfg, dm) -> str:
+def member_specs(cfg: DictConfig) -> list[DictConfig]:
+    """The teacher specs of the run: one, or one per ensemble member."""
+    t = cfg.teacher
+    if t.arch != "ensemble":
+        return [t]
+    members = t.get("members") or []
+    if len(members) < 2:
+        raise ConfigError("teacher.members", len(members), "an ensemble needs at least 2 members")
+    specs = []
+    for m in members:
+        spec = OmegaConf.create({k: t.get(k) for k in RECIPE_KEYS})
+        spec.merge_with({"checkpoint": None, "kwargs": {}, "taps": {}})
+        spec.merge_with(m)
+        specs.append(spec)
+    return specs
+
+
+def teacher_key(spec: DictConfig, dm, precision: str) -> str:
     what = {
         "version": CACHE_VERSION,
-        "arch": cfg.teacher.arch,
-        "kwargs": OmegaConf.to_container(cfg.teacher.kwargs, resolve=True),
+        "arch": spec.arch,
+        "kwargs": OmegaConf.to_container(spec.get("kwargs") or {}, resolve=True),
         "data": dm.cache_key(),
-        "batch_size": cfg.teacher.batch_size,
-        "epochs": cfg.teacher.epochs,
-        "optim": OmegaConf.to_container(cfg.teacher.optim, resolve=True),
-        "seed": cfg.teacher.seed,
-        "precision": str(cfg.trainer.get("precision", "32")),
+        "batch_size": spec.batch_size,
+        "epochs": spec.epochs,
+        "optim": OmegaConf.to_container(spec.optim, resolve=True),
+        "seed": spec.seed,
+        "precision": precision,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -85,25 +111,112 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> None:
             os.unlink(tmp)
 
 
-def resolve_teacher(cfg, dm, model: nn.Module, train_fn) -> dict:
-    """Fill ``model`` with the teacher's weights; return where they came from.
+def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root: Path) -> dict:
+    """Train a teacher from scratch on the labelled data alone (CE), its own seed and recipe."""
+    import lightning as L
 
-    ``train_fn(model)`` trains it from scratch (labelled data only) and returns metadata."""
-    if cfg.teacher.get("checkpoint"):
-        meta = load_checkpoint(cfg.teacher.checkpoint, model, cfg.teacher.arch)
-        return {"source": "checkpoint", "path": str(cfg.teacher.checkpoint), **meta}
+    from kdbench.methods import Method
+    from kdbench.run import make_trainer
+    from kdbench.schemes.offline import Offline
+    from kdbench.taps import TappedModel
+
+    start = time.perf_counter()
+    use_transfer, dm.use_transfer = dm.use_transfer, False
+    batch_size, dm.batch_size = dm.batch_size, spec.batch_size
+    try:
+        with torch.random.fork_rng():
+            L.seed_everything(spec.seed, workers=True, verbose=False)
+            for m in model.modules():  # the same init as a fresh model under the teacher's seed
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            module = Offline(
+                TappedModel(model, {}), None, Method("none", "none", 1, 0, 0, 1), spec.optim
+            )
+            trainer = make_trainer(
+                cfg,
+                root / "teacher",
+                max_epochs=spec.epochs,
+                logger=False,
+                enable_checkpointing=False,
+            )
+            trainer.fit(module, datamodule=dm)
+            trainer.test(module, datamodule=dm, verbose=False)
+    finally:
+        dm.use_transfer, dm.batch_size = use_transfer, batch_size
+    model.eval()
+    return {
+        "test_acc": module.test_metrics["test/acc"],
+        "val_acc": module.best_val_acc,
+        "train_seconds": time.perf_counter() - start,
+    }
+
+
+def resolve_one(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root: Path) -> dict:
+    """Fill ``model`` with the weights of the teacher ``spec``; return where they came from."""
+    if spec.get("checkpoint"):
+        meta = load_checkpoint(spec.checkpoint, model, spec.arch)
+        return {"source": "checkpoint", "path": str(spec.checkpoint), **meta}
+    key = teacher_key(spec, dm, str(cfg.trainer.get("precision", "32")))
     path = (
         Path(os.path.expanduser(str(cfg.cache_dir)))
         / "teachers"
-        / (f"{cfg.dataset.name}-{cfg.teacher.arch}-{teacher_key(cfg, dm)}.pt")
+        / (f"{cfg.dataset.name}-{spec.arch}-{key}.pt")
     )
     if path.exists():
         try:
-            meta = load_checkpoint(path, model, cfg.teacher.arch)
+            meta = load_checkpoint(path, model, spec.arch)
             return {"source": "cache", "path": str(path), **meta}
         except KdbenchError as exc:
             print(f"kdbench: retraining the teacher over an unusable cache entry ({exc})")
-    print(f"kdbench: training teacher {cfg.teacher.arch} (not cached yet; saved to {path})")
-    meta = train_fn(model)
+    print(f"kdbench: training teacher {spec.arch} (not cached yet; saved to {path})")
+    meta = train_teacher(cfg, spec, dm, model, root)
     save_checkpoint(path, model, meta)
     return {"source": "trained", "path": str(path), **meta}
+
+
+def resolve_teacher(cfg: DictConfig, dm, teacher, root: Path) -> dict:
+    """Fill the run's teacher (a TappedModel or an EnsembleTeacher) with its weights."""
+    models = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
+    infos = [
+        resolve_one(cfg, spec, dm, m.model, root)
+        for spec, m in zip(member_specs(cfg), models, strict=True)
+    ]
+    if len(infos) == 1:
+        return infos[0]
+    sources = {i["source"] for i in infos}
+    return {"source": sources.pop() if len(sources) == 1 else "mixed", "members": infos}
+
+
+class EnsembleTeacher(nn.Module):
+    """Several teachers as one: the response signal is the average of the members' softened
+    probabilities at the method's temperature T (returned as logits ``T * log(mean_m softmax(
+    z_m / T))``, whose softmax at T is exactly that average); features come from the member
+    named by ``teacher.feature_member``."""
+
+    def __init__(self, members: list, temperature: float, feature_member: int | None) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.model = nn.ModuleList([m.model for m in members])  # the deployed networks
+        self.temperature = float(temperature)
+        self.feature_member = feature_member
+
+    def forward(self, x: torch.Tensor, taps=frozenset()) -> Outputs:
+        outs = [
+            m(x, taps if i == self.feature_member else frozenset())
+            for i, m in enumerate(self.members)
+        ]
+        t = self.temperature
+        logits = t * ensemble_logits([o.logits / t for o in outs])
+        features = outs[self.feature_member].features if self.feature_member is not None else {}
+        return Outputs(logits, features)
+
+
+def build_ensemble(cfg: DictConfig, dm, build_member) -> EnsembleTeacher:
+    """``teacher=ensemble``: its members, each built by ``build_member(spec)``."""
+    specs = member_specs(cfg)
+    fm = cfg.teacher.get("feature_member")
+    if fm is not None and (not isinstance(fm, int) or not 0 <= fm < len(specs)):
+        raise ConfigError(
+            "teacher.feature_member", fm, f"must be a member index 0..{len(specs) - 1}"
+        )
+    return EnsembleTeacher([build_member(s) for s in specs], cfg.method.temperature, fm)

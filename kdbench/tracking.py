@@ -21,21 +21,22 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def run_tags(cfg: DictConfig) -> dict[str, str]:
+def run_tags(cfg: DictConfig, student_role: str = "student") -> dict[str, str]:
+    student = cfg[student_role]
     return {
         "method": str(cfg.method.name),
         "knowledge": str(cfg.method.knowledge),
         "scheme": str(cfg.scheme.name),
         "teacher": str(cfg.teacher.arch),
-        "student": str(cfg.student.arch),
+        "student": str(student.arch),
         "dataset": str(cfg.dataset.name),
         "seed": str(cfg.seed),
-        "student_config": str(cfg.student.get("name", cfg.student.arch)),
+        "student_config": str(student.get("name", student.arch)),
         "teacher_config": str(cfg.teacher.get("name", cfg.teacher.arch)),
     }
 
 
-def make_logger(cfg: DictConfig):
+def make_logger(cfg: DictConfig, student_role: str = "student"):
     """Lightning's MLFlowLogger on ``mlflow.tracking_uri`` (default ``sqlite:///mlflow.db``)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -45,7 +46,7 @@ def make_logger(cfg: DictConfig):
         experiment_name=str(cfg.mlflow.experiment),
         run_name=None if cfg.mlflow.get("run_name") is None else str(cfg.mlflow.run_name),
         tracking_uri=uri,
-        tags=run_tags(cfg),
+        tags=run_tags(cfg, student_role),
         log_model=False,
     )
 

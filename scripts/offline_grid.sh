@@ -4,7 +4,7 @@
 # Writes results/mnist1d_offline.md. About 10 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p outputs
+mkdir -p outputs results
 DB=outputs/mnist1d_offline.db
 rm -f "$DB"
 export MLFLOW_TRACKING_URI="sqlite:///$PWD/$DB"

@@ -60,6 +60,7 @@ def main() -> None:
         f"| warm: data and teacher cached | {fmt(warm)} |\n"
         f"| `python -m kdbench --help` | {fmt(helpt)} |\n"
     )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
 

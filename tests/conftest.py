@@ -43,14 +43,19 @@ def isolated_env(workdir):
             os.environ[k] = v
 
 
-def compose(*overrides: str, tiny: bool = True):
+# TINY without the single-teacher keys, for teacher=ensemble (whose members say their own)
+TINY_NO_TEACHER = [o for o in TINY if not o.startswith("teacher.kwargs")]
+
+
+def compose(*overrides: str, tiny: bool | list[str] = True):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from kdbench.cli import config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
-        return hydra_compose("config", overrides=[*(TINY if tiny else []), *overrides])
+        base = tiny if isinstance(tiny, list) else TINY if tiny else []
+        return hydra_compose("config", overrides=[*base, *overrides])
 
 
 def run_cli(*args: str, cwd: Path, tiny: bool = True, env: dict | None = None, timeout: int = 600):

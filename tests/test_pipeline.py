@@ -106,9 +106,7 @@ def test_frozen_teacher_is_unchanged_and_in_eval_mode_through_training():
     from pathlib import Path
 
     root = Path(tempfile.mkdtemp())
-    from kdbench.run import train_teacher
-
-    resolve_teacher(cfg, ctx.dm, ctx.teacher.model, lambda m: train_teacher(cfg, ctx.dm, m, root))
+    resolve_teacher(cfg, ctx.dm, ctx.teacher, root)
     before = copy.deepcopy(ctx.teacher.model.state_dict())
     student_before = copy.deepcopy(ctx.student.model.state_dict())
     modes = []

@@ -1,0 +1,83 @@
+"""Self-distillation, born-again networks (Furlanello et al. 2018).
+
+The student has the teacher's architecture. Generation 0 is the teacher trained on labels alone
+(from ``teacher.checkpoint`` or the teacher cache); generation k is a fresh network distilled from
+the frozen generation k-1 with the chosen method. ``scheme.generations`` counts all of them,
+generation 0 included. Reported: each generation's test accuracy (``test/gen<k>/acc``), the
+ensemble of all generations (``test/ensemble/acc``), and the last generation under the standard
+names (``test/acc``, ``test/acc_best``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdbench.errors import ConfigError
+from kdbench.metrics import accuracy, ensemble_logits
+from kdbench.schemes.offline import Offline
+
+
+@torch.no_grad()
+def predict(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``model`` (eval mode, on its own device) over ``loader``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for x, y, _ in loader:
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+class BornAgain(Offline):
+    student_role = "teacher"  # generation k has generation 0's architecture
+    accepts_teacher_ensemble = False
+
+    @classmethod
+    def prepare(cls, ctx) -> None:
+        gens = ctx.cfg.scheme.generations
+        if not isinstance(gens, int) or gens < 2:
+            raise ConfigError(
+                "scheme.generations", gens, "must be an integer >= 2 (generation 0 is the teacher)"
+            )
+        super().prepare(ctx)
+
+    @classmethod
+    def execute(cls, ctx, runner) -> dict[str, float]:
+        from kdbench.run import attach_method, build_model
+
+        cfg = ctx.cfg
+        test = ctx.dm.test_dataloader()
+        logits, y = predict(ctx.teacher.model, test)
+        all_logits = [logits]
+        metrics: dict[str, float] = {"test/gen0/acc": accuracy(logits, y)}
+        teacher, aux = ctx.teacher, 0
+        for k in range(1, cfg.scheme.generations):
+            if k == 1:
+                student, method = ctx.student, ctx.method
+            else:  # a fresh network and fresh auxiliary modules for every generation
+                student, method = build_model(cfg, "teacher", ctx.dm), ctx.method.copy()
+                attach_method(method, student, teacher, cfg, ctx.dm, roles=("teacher", "teacher"))
+                aux += sum(p.numel() for p in method.parameters())
+            module = cls(
+                student,
+                teacher,
+                method,
+                cfg.optim,
+                cache_teacher_outputs=cfg.teacher_output_cache.enabled,
+                cache_limit_mb=cfg.teacher_output_cache.max_mb,
+            )
+            gen_metrics = runner.fit_and_test(module, student.model, name=f"gen{k}")
+            logits, _ = predict(student.model, test)  # the weights of the last epoch
+            all_logits.append(logits)
+            metrics[f"test/gen{k}/acc"] = accuracy(logits, y)
+            metrics[f"test/gen{k}/acc_best"] = gen_metrics["test/acc_best"]
+            teacher = student  # frozen by the next generation's module
+            ctx.student = student
+        metrics.update(gen_metrics)  # the last generation under the standard names
+        metrics["test/ensemble/acc"] = accuracy(ensemble_logits(all_logits), y)
+        metrics["teacher/test/acc"] = metrics["test/gen0/acc"]
+        ctx.info["aux_params"] = aux
+        return metrics
