@@ -9,14 +9,22 @@ Conventions shared by all functions:
 - teacher arguments are expected to be detached by the caller (only ``rkd_loss`` wraps its
   teacher side in ``torch.no_grad()`` itself, as the reference code does);
 - ``KL(p || q) = sum_c p_c (log p_c - log q_c)``; "mean" is over every element of a tensor.
+
+The two methods that carry trainable parameters or state of their own (VID's regressor and
+variances, CRD's embedding heads and memory banks) are ``nn.Module`` classes at the end.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
+    "CRDLoss",
+    "VIDLoss",
     "attention_loss",
     "attention_map",
     "dist_loss",
@@ -398,3 +406,254 @@ def nst_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> to
         return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
 
     return kernel_mean(s, s) + kernel_mean(t, t) - 2.0 * kernel_mean(s, t)
+
+
+# --------------------------------------------------------------------------------------------
+# stateful losses (trainable parameters / buffers of their own)
+# --------------------------------------------------------------------------------------------
+
+
+def _conv1x1(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+    """Bias-free 1x1 convolution (``nn.Linear`` for vectors), as in the reference code."""
+    if spatial_dims == 0:
+        return nn.Linear(in_channels, out_channels, bias=False)
+    conv = nn.Conv1d if spatial_dims == 1 else nn.Conv2d
+    return conv(in_channels, out_channels, kernel_size=1, padding=0, bias=False)
+
+
+class VIDLoss(nn.Module):
+    """Variational information distillation (reference-code variant).
+
+    ``mu = r(f_s)`` with ``r`` = conv1x1 -> ReLU -> conv1x1 -> ReLU -> conv1x1 (bias-free,
+    ``student_channels -> mid -> mid -> teacher_channels``), a per-channel variance
+    ``var_c = log(1 + exp(log_scale_c)) + eps`` with ``log_scale`` trainable and initialised to
+    ``log(exp(init_pred_var - eps) - 1)`` (so the initial ``var_c`` is ``init_pred_var``), and
+    ``L = mean(0.5 * ((mu - f_t)^2 / var + log(var)))`` over every element, ``var`` broadcast
+    along the channel axis (dim 1).
+
+    ``spatial_dims`` is 2 for ``B x C x H x W`` maps, 1 for ``B x C x L`` and 0 for ``B x C``
+    vectors (the 1x1 convolutions are then linear layers). When the spatial sizes differ, the
+    larger map is adaptive-average-pooled to the smaller one first. The regressor and
+    ``log_scale`` are trained with the student and are not part of the deployed student.
+    """
+
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        mid_channels: int | None = None,
+        init_pred_var: float = 5.0,
+        eps: float = 1e-5,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (0, 1, 2):
+            raise ValueError(f"VIDLoss: spatial_dims must be 0, 1 or 2, got {spatial_dims!r}")
+        if not init_pred_var > eps:
+            raise ValueError(f"VIDLoss: init_pred_var must be > eps ({eps}), got {init_pred_var!r}")
+        mid = teacher_channels if mid_channels is None else mid_channels
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.spatial_dims = spatial_dims
+        self.eps = eps
+        self.regressor = nn.Sequential(
+            _conv1x1(spatial_dims, student_channels, mid),
+            nn.ReLU(),
+            _conv1x1(spatial_dims, mid, mid),
+            nn.ReLU(),
+            _conv1x1(spatial_dims, mid, teacher_channels),
+        )
+        self.log_scale = nn.Parameter(
+            torch.full((teacher_channels,), math.log(math.exp(init_pred_var - eps) - 1.0))
+        )
+
+    def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+        ndim = self.spatial_dims + 2
+        if student_feature.dim() != ndim or teacher_feature.dim() != ndim:
+            raise ValueError(
+                f"VIDLoss: with spatial_dims={self.spatial_dims} both features must have "
+                f"{ndim} dims, got shapes {tuple(student_feature.shape)} and "
+                f"{tuple(teacher_feature.shape)}"
+            )
+        if student_feature.shape[0] != teacher_feature.shape[0]:
+            raise ValueError(
+                "VIDLoss: student and teacher batch sizes differ: "
+                f"{student_feature.shape[0]} vs {teacher_feature.shape[0]}"
+            )
+        if student_feature.shape[1] != self.student_channels:
+            raise ValueError(
+                f"VIDLoss: expected {self.student_channels} student channels, "
+                f"got shape {tuple(student_feature.shape)}"
+            )
+        if teacher_feature.shape[1] != self.teacher_channels:
+            raise ValueError(
+                f"VIDLoss: expected {self.teacher_channels} teacher channels, "
+                f"got shape {tuple(teacher_feature.shape)}"
+            )
+        f_s, f_t = student_feature.float(), teacher_feature.float()
+        if self.spatial_dims > 0:
+            f_s, f_t = _pool_to_common_size("VIDLoss", f_s, f_t)
+        mean = self.regressor(f_s).float()
+        var = F.softplus(self.log_scale.float()) + self.eps
+        var = var.view(1, -1, *([1] * self.spatial_dims))
+        neg_log_prob = 0.5 * ((mean - f_t).pow(2) / var + torch.log(var))
+        return neg_log_prob.mean()
+
+
+class CRDLoss(nn.Module):
+    """Contrastive representation distillation (reference-code variant).
+
+    ``v_s = l2_normalize(embed_s(f_s))``, ``v_t = l2_normalize(embed_t(f_t))`` (linear heads to
+    ``feat_dim``, inputs flattened to ``B x D``). Two memory banks (buffers, ``n_data x
+    feat_dim``) hold one embedding per training sample: ``memory_s`` (student side) and
+    ``memory_t`` (teacher side). With ``idx_i = [index_i, contrast_index_i]`` (positive first,
+    then ``K`` negatives) and the bank rows taken without gradient:
+
+    - ``out_s[i, j] = exp(<memory_t[idx_ij], v_s,i> / nce_t) / Z_s`` (student anchor),
+    - ``out_t[i, j] = exp(<memory_s[idx_ij], v_t,i> / nce_t) / Z_t`` (teacher anchor),
+
+    ``Z_s = mean(exp(...)) * n_data`` (likewise ``Z_t``) fixed from the first call and kept in
+    the buffer ``z``. The NCE loss of each side, with ``m = K`` and noise ``Pn = 1 / n_data``:
+    ``-(1/B) * sum_i [log(x_i0 / (x_i0 + m Pn + eps)) + sum_{j>=1} log(m Pn / (x_ij + m Pn +
+    eps))]``; ``L = NCE(out_s) + NCE(out_t)``. After the loss, in training mode only, the
+    anchors' bank rows are updated: ``memory[index] = l2_normalize(nce_m * memory[index] +
+    (1 - nce_m) * v)``. The heads are trained with the student and are not part of the deployed
+    student; negatives come from :meth:`sample_negatives`.
+    """
+
+    memory_s: torch.Tensor
+    memory_t: torch.Tensor
+    z: torch.Tensor
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        n_data: int,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+        eps: float = 1e-7,
+    ) -> None:
+        super().__init__()
+        if n_data < 2:
+            raise ValueError(f"CRDLoss: n_data must be >= 2, got {n_data!r}")
+        if not nce_t > 0:
+            raise ValueError(f"CRDLoss: nce_t must be > 0, got {nce_t!r}")
+        self.n_data = n_data
+        self.feat_dim = feat_dim
+        self.nce_k = nce_k
+        self.nce_t = nce_t
+        self.nce_m = nce_m
+        self.eps = eps
+        self.embed_s = nn.Linear(student_dim, feat_dim)
+        self.embed_t = nn.Linear(teacher_dim, feat_dim)
+        stdv = 1.0 / math.sqrt(feat_dim / 3.0)
+        self.register_buffer("memory_s", torch.rand(n_data, feat_dim) * 2 * stdv - stdv)
+        self.register_buffer("memory_t", torch.rand(n_data, feat_dim) * 2 * stdv - stdv)
+        self.register_buffer("z", torch.full((2,), -1.0))  # [Z_s, Z_t]; < 0 means "not set"
+
+    def _nce(self, x: torch.Tensor) -> torch.Tensor:
+        """NCE loss of one side; ``x`` is ``B x (K + 1)``, column 0 the positive."""
+        batch, m = x.shape[0], x.shape[1] - 1
+        noise = m / self.n_data  # m * Pn
+        log_d1 = torch.log(x[:, 0] / (x[:, 0] + noise + self.eps))
+        log_d0 = torch.log(noise / (x[:, 1:] + noise + self.eps))
+        return -(log_d1.sum() + log_d0.sum()) / batch
+
+    def forward(
+        self,
+        student_embedding: torch.Tensor,
+        teacher_embedding: torch.Tensor,
+        index: torch.Tensor,
+        contrast_index: torch.Tensor,
+    ) -> torch.Tensor:
+        batch = student_embedding.shape[0]
+        if teacher_embedding.shape[0] != batch:
+            raise ValueError(
+                "CRDLoss: student and teacher batch sizes differ: "
+                f"{batch} vs {teacher_embedding.shape[0]}"
+            )
+        if index.shape != (batch,):
+            raise ValueError(f"CRDLoss: index must have shape ({batch},), got {tuple(index.shape)}")
+        if contrast_index.dim() != 2 or contrast_index.shape[0] != batch:
+            raise ValueError(
+                f"CRDLoss: contrast_index must be {batch} x K, got {tuple(contrast_index.shape)}"
+            )
+        f_s = student_embedding.float().reshape(batch, -1)
+        f_t = teacher_embedding.float().reshape(batch, -1)
+        v_s = F.normalize(self.embed_s(f_s).float(), p=2.0, dim=1)
+        v_t = F.normalize(self.embed_t(f_t).float(), p=2.0, dim=1)
+
+        index = index.long()
+        idx = torch.cat([index[:, None], contrast_index.long()], dim=1)  # B x (K + 1)
+        w_t = self.memory_t[idx].detach().float()  # B x (K + 1) x feat_dim
+        w_s = self.memory_s[idx].detach().float()
+        # exp(<w, v> / 0.07) amplifies rounding errors: keep the scores in float32 under autocast
+        with torch.autocast(device_type=v_s.device.type, enabled=False):
+            out_s = torch.exp(torch.bmm(w_t, v_s[:, :, None]).squeeze(2) / self.nce_t)
+            out_t = torch.exp(torch.bmm(w_s, v_t[:, :, None]).squeeze(2) / self.nce_t)
+        if bool(self.z[0] < 0) or bool(self.z[1] < 0):
+            with torch.no_grad():
+                self.z.copy_(torch.stack([out_s.mean(), out_t.mean()]) * self.n_data)
+        z = self.z.detach()
+        loss = self._nce(out_s / z[0]) + self._nce(out_t / z[1])
+
+        if self.training:
+            with torch.no_grad():
+                for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+                    updated = self.nce_m * memory[index] + (1.0 - self.nce_m) * v.detach()
+                    memory.index_copy_(0, index, F.normalize(updated, p=2.0, dim=1))
+        return loss
+
+    @staticmethod
+    def sample_negatives(
+        index: torch.Tensor,
+        labels: torch.Tensor | None,
+        n_data: int,
+        k: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw ``k`` negative sample indices in ``[0, n_data)`` per anchor, uniformly (``B x k``).
+
+        A labelled anchor (``labels[index_i] >= 0``) gets negatives from the samples whose label
+        differs from its own (unlabelled samples, label -1, count as other); an unlabelled anchor
+        (or any anchor when ``labels`` is None) gets any sample except itself. Sampling is with
+        replacement, on ``index``'s device (``generator`` must live on that device).
+        """
+        if index.dim() != 1:
+            raise ValueError(f"sample_negatives: index must be 1-D, got {tuple(index.shape)}")
+        if n_data < 2:
+            raise ValueError(f"sample_negatives: n_data must be >= 2, got {n_data!r}")
+        device = index.device
+        index = index.long()
+        out = torch.empty(index.shape[0], k, dtype=torch.long, device=device)
+        if labels is None:
+            unlabelled = torch.ones_like(index, dtype=torch.bool)
+        else:
+            if labels.shape != (n_data,):
+                raise ValueError(
+                    f"sample_negatives: labels must have shape ({n_data},), "
+                    f"got {tuple(labels.shape)}"
+                )
+            labels = labels.to(device=device, dtype=torch.long)
+            anchor_labels = labels[index]
+            unlabelled = anchor_labels < 0
+            for c in torch.unique(anchor_labels[~unlabelled]).tolist():
+                candidates = torch.nonzero(labels != c).squeeze(1)
+                if candidates.numel() == 0:
+                    raise ValueError(f"sample_negatives: every sample has the label {c}")
+                rows = torch.nonzero(anchor_labels == c).squeeze(1)
+                draw = torch.randint(
+                    0, candidates.numel(), (rows.numel(), k), generator=generator, device=device
+                )
+                out[rows] = candidates[draw]
+        rows = torch.nonzero(unlabelled).squeeze(1)
+        if rows.numel() > 0:
+            draw = torch.randint(
+                0, n_data - 1, (rows.numel(), k), generator=generator, device=device
+            )
+            anchors = index[rows][:, None]
+            out[rows] = draw + (draw >= anchors).long()  # skip the anchor itself
+        return out

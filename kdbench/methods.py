@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import ConfigError, KdbenchError
-from kdbench.losses import kd_loss
+from kdbench.losses import kd_loss, logit_standardize
 from kdbench.taps import Outputs
 
 KNOWLEDGE_TYPES = ("none", "response", "feature", "attention", "relation")
@@ -41,7 +41,12 @@ class Term(nn.Module):
     ) -> None:
         """Check the two models' outputs suit the term (one-line error if not); make modules."""
 
-    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, epoch: int) -> torch.Tensor:
+    def bind_data(self, dm) -> None:
+        """Called with the data module before each fit (e.g. to size memory banks)."""
+
+    def forward(
+        self, s: Outputs, t: Outputs, y: torch.Tensor, epoch: int, index: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -50,7 +55,7 @@ class LogitTerm(Term):
         super().__init__()
         self.loss = loss
 
-    def forward(self, s, t, y, epoch):
+    def forward(self, s, t, y, epoch, index):
         return self.loss(s.logits, t.logits)
 
 
@@ -61,10 +66,30 @@ def _is_map(x: torch.Tensor) -> bool:
 class TapTerm(Term):
     """``loss(student[tap], teacher[tap])`` for a tap both models have."""
 
-    def __init__(self, tap: str, loss: Callable, needs_maps: bool = False) -> None:
+    def __init__(
+        self,
+        tap: str,
+        loss: Callable,
+        needs_maps: bool = False,
+        select: int | None = None,
+        pairwise: bool = False,
+    ) -> None:
+        """``select``: use one element of a list tap (e.g. -1, the last stage); ``pairwise``:
+        apply ``loss`` to each (student, teacher) pair of a list tap and sum."""
         super().__init__()
         self.tap, self.loss, self.needs_maps = tap, loss, needs_maps
+        self.select, self.pairwise = select, pairwise
         self.taps = frozenset({tap})
+
+    def _pick(self, value):
+        if isinstance(value, list) and self.select is not None:
+            return value[self.select]
+        return value
+
+    def _loss(self, s, t):
+        if self.pairwise and isinstance(s, list):
+            return sum(self.loss(a, b) for a, b in zip(s, t, strict=True))
+        return self.loss(s, t)
 
     def build(self, method, student, teacher, student_name, teacher_name):
         for role, name, out in (
@@ -85,7 +110,7 @@ class TapTerm(Term):
                     f"method={method} needs the {self.tap!r} tap but {role} {name} has none: "
                     f"set {role}.taps.{self.tap} or pick a {role} with {self.tap} outputs"
                 )
-        s, t = student.features[self.tap], teacher.features[self.tap]
+        s, t = self._pick(student.features[self.tap]), self._pick(teacher.features[self.tap])
         if isinstance(s, list) and len(s) != len(t):
             raise KdbenchError(
                 f"method={method} pairs {self.tap} one to one, but the student taps {len(s)} "
@@ -93,10 +118,10 @@ class TapTerm(Term):
                 f"teacher.taps.{self.tap} to lists of equal length"
             )
         with torch.no_grad():
-            self.loss(s, t)  # shape problems surface now, not after the first epoch
+            self._loss(s, t)  # shape problems surface now, not after the first epoch
 
-    def forward(self, s, t, y, epoch):
-        return self.loss(s.features[self.tap], t.features[self.tap])
+    def forward(self, s, t, y, epoch, index):
+        return self._loss(self._pick(s.features[self.tap]), self._pick(t.features[self.tap]))
 
 
 class HintTerm(Term):
@@ -126,8 +151,140 @@ class HintTerm(Term):
             self.loss(self.regressor(student.features[self.tap]), teacher.features[self.tap])
             self.regressor.train()
 
-    def forward(self, s, t, y, epoch):
+    def forward(self, s, t, y, epoch, index):
         return self.loss(self.regressor(s.features[self.tap]), t.features[self.tap])
+
+
+class DKDTerm(Term):
+    """Decoupled KD (Zhao et al. 2022): ``min((epoch + 1) / warmup, 1) * dkd_loss``. The target
+    class is the label, or the teacher's prediction for unlabelled (transfer) samples."""
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        warmup_epochs: int = 20,
+    ) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.warmup_epochs = warmup_epochs
+
+    def forward(self, s, t, y, epoch, index):
+        from kdbench.losses import dkd_loss
+
+        target = torch.where(y >= 0, y, t.logits.argmax(1))
+        warm = min((epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        return warm * dkd_loss(s.logits, t.logits, target, self.alpha, self.beta, self.temperature)
+
+
+def _as_list(value) -> list[torch.Tensor]:
+    return value if isinstance(value, list) else [value]
+
+
+class VIDTerm(Term):
+    """Variational information distillation: one :class:`kdbench.losses.VIDLoss` (regressor and
+    learned per-channel variances) per (student, teacher) pair of the tap, summed."""
+
+    def __init__(self, tap: str = "stages", init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.tap, self.init_pred_var, self.eps = tap, init_pred_var, eps
+        self.taps = frozenset({tap})
+        self.pairs = nn.ModuleList()
+
+    def build(self, method, student, teacher, student_name, teacher_name):
+        from kdbench.losses import VIDLoss
+
+        s, t = student.features.get(self.tap), teacher.features.get(self.tap)
+        if not s or not t or len(_as_list(s)) != len(_as_list(t)):
+            raise KdbenchError(
+                f"method={method} needs the {self.tap!r} tap on both models, with as many outputs "
+                f"on each: set student.taps.{self.tap} / teacher.taps.{self.tap} "
+                f"(or method.term.tap=hint)"
+            )
+        self.pairs = nn.ModuleList(
+            VIDLoss(
+                a.shape[1],
+                b.shape[1],
+                init_pred_var=self.init_pred_var,
+                eps=self.eps,
+                spatial_dims=b.dim() - 2,
+            )
+            for a, b in zip(_as_list(s), _as_list(t), strict=True)
+        )
+        with torch.no_grad():
+            self.pairs.eval()
+            self.forward(student, teacher, None, 0, None)
+            self.pairs.train()
+
+    def forward(self, s, t, y, epoch, index):
+        feats = zip(_as_list(s.features[self.tap]), _as_list(t.features[self.tap]), strict=True)
+        return sum(vid(a, b) for vid, (a, b) in zip(self.pairs, feats, strict=True))
+
+
+class CRDTerm(Term):
+    """Contrastive representation distillation: embedding heads, two memory banks sized to the
+    training set (train + transfer), each anchor against ``nce_k`` negatives sampled per step
+    (of other classes for labelled anchors). Needs the sample index of every batch."""
+
+    def __init__(
+        self,
+        tap: str = "embedding",
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.tap, self.feat_dim, self.nce_k, self.nce_t, self.nce_m = (
+            tap,
+            feat_dim,
+            nce_k,
+            nce_t,
+            nce_m,
+        )
+        self.taps = frozenset({tap})
+        self.dims: tuple[int, int] | None = None
+        self.crd: nn.Module | None = None
+
+    def build(self, method, student, teacher, student_name, teacher_name):
+        s, t = student.features.get(self.tap), teacher.features.get(self.tap)
+        if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor):
+            raise KdbenchError(
+                f"method={method} needs one {self.tap!r} output on both models: set "
+                f"student.taps.{self.tap} and teacher.taps.{self.tap}"
+            )
+        self.dims = (math.prod(s.shape[1:]), math.prod(t.shape[1:]))
+        self.bind_size(self.nce_k + 1)  # provisional banks; sized to the data by bind_data
+
+    def bind_size(self, n_data: int) -> None:
+        from kdbench.losses import CRDLoss
+
+        if self.nce_k >= n_data:  # the negatives come from the training set
+            print(
+                f"kdbench: method.term.nce_k={self.nce_k} reduced to {n_data - 1}: the training "
+                f"set has {n_data} samples"
+            )
+            self.nce_k = n_data - 1
+        self.crd = CRDLoss(
+            *self.dims,
+            n_data,
+            feat_dim=self.feat_dim,
+            nce_k=self.nce_k,
+            nce_t=self.nce_t,
+            nce_m=self.nce_m,
+        )
+
+    def bind_data(self, dm) -> None:
+        ds = dm.distill_set()
+        if self.crd is None or self.crd.memory_s.shape[0] != len(ds):
+            self.bind_size(len(ds))
+        self.register_buffer("labels", ds.y.clone(), persistent=False)
+
+    def forward(self, s, t, y, epoch, index):
+        labels = self.labels.to(index.device)
+        negatives = self.crd.sample_negatives(index, labels, len(labels), self.nce_k)
+        return self.crd(s.features[self.tap], t.features[self.tap], index, negatives)
 
 
 class _Unflatten(nn.Module):
@@ -194,12 +351,14 @@ class Method(nn.Module):
         beta: float,
         temperature: float,
         term: Term | None = None,
+        logit_std: bool = False,
     ) -> None:
         super().__init__()
         self.name, self.knowledge = name, knowledge
         self.gamma, self.alpha, self.beta = float(gamma), float(alpha), float(beta)
         self.temperature = float(temperature)
         self.term = term
+        self.logit_std = bool(logit_std)  # standardise logits before every distillation term
 
     @property
     def taps(self) -> frozenset[str]:
@@ -218,22 +377,25 @@ class Method(nn.Module):
         return {"ce": self.gamma * masked_cross_entropy(s.logits, y)} if self.gamma > 0 else {}
 
     def distill_terms(
-        self, s: Outputs, t: Outputs, y: torch.Tensor, epoch: int
+        self, s: Outputs, t: Outputs, y: torch.Tensor, epoch: int, index: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """``alpha * KD`` and ``beta * term`` towards the (detached) teacher outputs ``t``."""
+        if self.logit_std:  # Sun et al. 2024: z -> (z - mean) / std before the logit losses
+            s = Outputs(logit_standardize(s.logits), s.features)
+            t = Outputs(logit_standardize(t.logits), t.features)
         terms: dict[str, torch.Tensor] = {}
         if self.alpha > 0:
             terms["kd"] = self.alpha * kd_loss(s.logits, t.logits, self.temperature)
         if self.term is not None and self.beta > 0:
-            terms[self.name] = self.beta * self.term(s, t, y, epoch)
+            terms[self.name] = self.beta * self.term(s, t, y, epoch, index)
         return terms
 
     def forward(
-        self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int
+        self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int, index=None
     ) -> dict[str, torch.Tensor]:
         terms = self.hard_label_terms(s, y)
         if t is not None:
-            terms.update(self.distill_terms(s, t, y, epoch))
+            terms.update(self.distill_terms(s, t, y, epoch, index))
         return terms
 
 
@@ -261,4 +423,13 @@ def build_method(cfg) -> Method:
             f"method {cfg.name} has no method term: leave beta at 0 or pick a method that has one",
         )
     term = checked_instantiate(cfg.term) if cfg.get("term") is not None else None
-    return Method(cfg.name, cfg.knowledge, cfg.gamma, cfg.alpha, cfg.beta, t, term)
+    return Method(
+        cfg.name,
+        cfg.knowledge,
+        cfg.gamma,
+        cfg.alpha,
+        cfg.beta,
+        t,
+        term,
+        cfg.get("logit_std", False),
+    )

@@ -186,6 +186,8 @@ class Runner:
         import torch
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        from kdbench.methods import Term
+
         ckpt = ModelCheckpoint(
             dirpath=self.root / "checkpoints" / (name or "run"),
             filename="best",
@@ -196,12 +198,20 @@ class Runner:
         )
         trainer = make_trainer(self.cfg, self.root, logger=self.logger, callbacks=[ckpt])
         L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        for term in module.modules():
+            if isinstance(term, Term):
+                term.bind_data(self.dm)
         trainer.fit(module, datamodule=self.dm)
         module.test_tag = "last"
         trainer.test(module, datamodule=self.dm, verbose=False)
         metrics = dict(module.test_metrics)
         prefix = f"{name}_" if name else ""
         torch.save(student_model.state_dict(), self.artifacts / f"{prefix}student.pt")
+        aux = {
+            k: v for k, v in module.state_dict().items() if k.startswith(("method.", "methods."))
+        }
+        if aux:  # regressors, heads, memory banks: trained here, not in the deployed student
+            torch.save(aux, self.artifacts / f"{prefix}aux.pt")
         if ckpt.best_model_path:
             last = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.test_tag = "best"

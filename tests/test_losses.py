@@ -751,6 +751,8 @@ def test_public_api() -> None:
         "dkd_loss",
         "dist_loss",
         "logit_standardize",
+        "VIDLoss",
+        "CRDLoss",
     }
     assert set(losses.__all__) == expected
     for name in expected:

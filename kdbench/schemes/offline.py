@@ -103,7 +103,7 @@ class Offline(SchemeModule):
         x, y, idx = batch
         s = self.student(x, self.method.taps)
         t = self.teacher_outputs(x, idx) if self.method.uses_teacher else None
-        return self.method(s, t, y, self.current_epoch)
+        return self.method(s, t, y, self.current_epoch, idx)
 
     def evaluate(self, x):
         out = {"student": self.student(x).logits}

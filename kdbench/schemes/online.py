@@ -85,7 +85,7 @@ class Online(SchemeModule):
 
     # -- steps ------------------------------------------------------------------------------
     def losses(self, batch):
-        x, y, _ = batch
+        x, y, idx = batch
         outs = {name: peer(x, self.taps) for name, peer in self.peers.items()}
         targets = {name: _detach(o) for name, o in outs.items()}
         terms: dict[str, torch.Tensor] = {}
@@ -97,7 +97,7 @@ class Online(SchemeModule):
                 if j == i:
                     continue
                 m = self.methods[_key(i, j)]
-                for k, v in m.distill_terms(s, targets[j], y, self.current_epoch).items():
+                for k, v in m.distill_terms(s, targets[j], y, self.current_epoch, idx).items():
                     terms[f"{i}/{k}"] = terms.get(f"{i}/{k}", 0.0) + v / others
         return terms
 
