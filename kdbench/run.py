@@ -174,8 +174,9 @@ def _output_dir() -> Path:
 class Runner:
     """Fits and tests scheme modules of one experiment into one MLflow run."""
 
-    def __init__(self, cfg: DictConfig, dm, root: Path, logger) -> None:
+    def __init__(self, cfg: DictConfig, dm, root: Path, logger, callbacks=()) -> None:
         self.cfg, self.dm, self.root, self.logger = cfg, dm, root, logger
+        self.callbacks = list(callbacks)
         self.artifacts = root / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
 
@@ -196,7 +197,9 @@ class Runner:
             save_last=False,
             save_weights_only=True,
         )
-        trainer = make_trainer(self.cfg, self.root, logger=self.logger, callbacks=[ckpt])
+        trainer = make_trainer(
+            self.cfg, self.root, logger=self.logger, callbacks=[ckpt, *self.callbacks]
+        )
         L.seed_everything(self.cfg.seed, workers=True, verbose=False)
         for term in module.modules():
             if isinstance(term, Term):
@@ -226,8 +229,15 @@ class Runner:
         return metrics
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Run one experiment; return its final metrics."""
+def run(
+    cfg: DictConfig, callbacks=(), tags: dict[str, str] | None = None, root: Path | None = None
+) -> dict[str, float]:
+    """Run one experiment; return its final metrics.
+
+    ``callbacks``: extra Lightning callbacks (e.g. Optuna pruning); ``tags``: extra MLflow tags
+    (e.g. ``mlflow.parentRunId`` to nest the run); ``root``: the output directory (default:
+    Hydra's). An exception leaves the MLflow run FAILED
+    (KILLED for a pruned trial) and carries its id as ``exc.kdbench_run_id``."""
     _quiet_lightning()
     ctx = prepare(cfg)
     import torch
@@ -236,19 +246,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from kdbench.models import count_parameters
     from kdbench.teacher import resolve_teacher
 
-    root = _output_dir()
+    root = Path(root) if root is not None else _output_dir()
     ctx.dm.prepare_data()
     ctx.dm.setup()
     if ctx.scheme.needs_pretrained_teacher:
         ctx.info["teacher"] = resolve_teacher(cfg, ctx.dm, ctx.teacher, root)
 
-    logger = tracking.make_logger(cfg, ctx.scheme.student_role)
+    logger = tracking.make_logger(cfg, ctx.scheme.student_role, tags)
     try:
         tracking.log_config(logger, cfg)
-        runner = Runner(cfg, ctx.dm, root, logger)
+        runner = Runner(cfg, ctx.dm, root, logger, callbacks)
         metrics = ctx.scheme.execute(ctx, runner)
         metrics["student/params"] = count_parameters(ctx.student.model)
         metrics["teacher/params"] = count_parameters(ctx.teacher.model)
+        if cfg.efficiency.enabled:
+            from kdbench.efficiency import compare
+
+            metrics.update(compare(ctx.student, ctx.teacher, ctx.dm.input_shape, cfg.efficiency))
         metrics["aux/params"] = count_parameters(ctx.method) + ctx.info.get("aux_params", 0)
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
         source = ctx.info.get("teacher", {}).get("source", "none")
@@ -258,7 +272,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.experiment.log_artifact(logger.run_id, str(path))
         tracking.set_status(logger, "FINISHED")
     except BaseException as exc:
-        tracking.set_status(logger, "FAILED")
+        pruned = type(exc).__name__ == "TrialPruned"
+        tracking.set_status(logger, "KILLED" if pruned else "FAILED")
+        exc.kdbench_run_id = logger.run_id
         if isinstance(exc, torch.OutOfMemoryError):
             raise KdbenchError("out of memory: lower dataset.batch_size") from exc
         raise

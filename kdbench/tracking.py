@@ -36,7 +36,7 @@ def run_tags(cfg: DictConfig, student_role: str = "student") -> dict[str, str]:
     }
 
 
-def make_logger(cfg: DictConfig, student_role: str = "student"):
+def make_logger(cfg: DictConfig, student_role: str = "student", tags: dict | None = None):
     """Lightning's MLFlowLogger on ``mlflow.tracking_uri`` (default ``sqlite:///mlflow.db``)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -46,7 +46,7 @@ def make_logger(cfg: DictConfig, student_role: str = "student"):
         experiment_name=str(cfg.mlflow.experiment),
         run_name=None if cfg.mlflow.get("run_name") is None else str(cfg.mlflow.run_name),
         tracking_uri=uri,
-        tags=run_tags(cfg, student_role),
+        tags={**run_tags(cfg, student_role), **(tags or {})},
         log_model=False,
     )
 

@@ -20,6 +20,6 @@ python -m kdbench -m student=cnn1d_small method=none,hard,kd,fitnet,at,rkd seed=
   echo "'last' is the final epoch, 'best val' the epoch with the best validation accuracy."
   echo "\`at\` needs feature maps, so it runs on the CNN student only."
   echo
-  python -m kdbench.leaderboard --experiment mnist1d_offline
+  python -m kdbench.leaderboard --experiment mnist1d_offline --markdown
 } > results/mnist1d_offline.md
 cat results/mnist1d_offline.md

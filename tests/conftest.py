@@ -47,7 +47,7 @@ def isolated_env(workdir):
 TINY_NO_TEACHER = [o for o in TINY if not o.startswith("teacher.kwargs")]
 
 
-def compose(*overrides: str, tiny: bool | list[str] = True):
+def compose(*overrides: str, tiny: bool | list[str] = True, config_name: str = "config"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -55,7 +55,7 @@ def compose(*overrides: str, tiny: bool | list[str] = True):
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         base = tiny if isinstance(tiny, list) else TINY if tiny else []
-        return hydra_compose("config", overrides=[*base, *overrides])
+        return hydra_compose(config_name, overrides=[*base, *overrides])
 
 
 def run_cli(*args: str, cwd: Path, tiny: bool = True, env: dict | None = None, timeout: int = 600):
