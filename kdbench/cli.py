@@ -5,7 +5,6 @@ Config errors print one line (``kdbench: error: ...``) and exit 2, without a tra
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -23,15 +22,10 @@ def config_dir() -> str:
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float:
-    from kdbench.errors import KdbenchError
+    from kdbench.errors import run_or_exit
+    from kdbench.run import run
 
-    try:
-        from kdbench.run import run
-
-        metrics = run(cfg)
-    except KdbenchError as exc:
-        print(f"kdbench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    metrics = run_or_exit(run, cfg)
     return metrics["val/acc_best"]  # what a Hydra sweeper would optimise: never test accuracy
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class KdbenchError(Exception):
     """A problem the user can fix: the message names it and says how (one line)."""
@@ -34,3 +36,12 @@ def checked_instantiate(node, **kwargs):
             raise cause from None
         detail = str(cause or exc).strip().splitlines()[0] if str(cause or exc).strip() else ""
         raise KdbenchError(f"cannot build {node.get('_target_')}: {detail}") from None
+
+
+def run_or_exit(fn, *args):
+    """``fn(*args)``; a :class:`KdbenchError` becomes one line on stderr and exit code 2."""
+    try:
+        return fn(*args)
+    except KdbenchError as exc:
+        print(f"kdbench: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -31,8 +31,9 @@ def load_runs(tracking_uri: str, experiment: str, include_trials: bool = False, 
     if exp is None:
         raise SystemExit(f"kdbench: error: no experiment {experiment!r} in {tracking_uri}")
     rows = []
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                              max_results=50000)
+    runs = client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50000
+    )
     for r in runs:
         tags = r.data.tags
         if "method" not in tags or (not include_trials and "kdbench.study" in tags):
@@ -54,26 +55,38 @@ def summarize(runs):
     if runs.empty:
         return pd.DataFrame()
     runs = runs.copy()
-    for col in ("test/acc_best", "teacher/test/acc", "test/agreement", "test/ece",
-                "student/params", "teacher/params", "speedup", "student/latency_ms",
-                "student/flops"):
+    for col in (
+        "test/acc_best",
+        "teacher/test/acc",
+        "test/agreement",
+        "test/ece",
+        "student/params",
+        "teacher/params",
+        "speedup",
+        "student/latency_ms",
+        "student/flops",
+    ):
         if col not in runs:
             runs[col] = float("nan")
-    agg = runs.groupby(GROUP, dropna=False).agg(
-        acc_mean=("test/acc", "mean"),
-        acc_std=("test/acc", "std"),
-        acc_best_mean=("test/acc_best", "mean"),
-        acc_best_std=("test/acc_best", "std"),
-        n=("test/acc", "count"),
-        teacher_acc=("teacher/test/acc", "mean"),
-        agreement=("test/agreement", "mean"),
-        ece=("test/ece", "mean"),
-        student_params=("student/params", "mean"),
-        teacher_params=("teacher/params", "mean"),
-        student_flops=("student/flops", "mean"),
-        student_latency_ms=("student/latency_ms", "mean"),
-        speedup=("speedup", "mean"),
-    ).reset_index()
+    agg = (
+        runs.groupby(GROUP, dropna=False)
+        .agg(
+            acc_mean=("test/acc", "mean"),
+            acc_std=("test/acc", "std"),
+            acc_best_mean=("test/acc_best", "mean"),
+            acc_best_std=("test/acc_best", "std"),
+            n=("test/acc", "count"),
+            teacher_acc=("teacher/test/acc", "mean"),
+            agreement=("test/agreement", "mean"),
+            ece=("test/ece", "mean"),
+            student_params=("student/params", "mean"),
+            teacher_params=("teacher/params", "mean"),
+            student_flops=("student/flops", "mean"),
+            student_latency_ms=("student/latency_ms", "mean"),
+            speedup=("speedup", "mean"),
+        )
+        .reset_index()
+    )
     base = agg[agg["method"] == "none"].set_index(PAIR)["acc_mean"]
     keys = list(zip(*(agg[c] for c in PAIR), strict=True))
     none_acc = pd.Series([base.get(k, float("nan")) for k in keys], index=agg.index)
@@ -92,24 +105,50 @@ def _pm(m, s) -> str:
     return f"{100 * m:.2f} ± {100 * (0.0 if s != s else s):.2f}"
 
 
-COLUMNS = ["dataset", "teacher -> student", "scheme", "method", "test acc % (last)",
-           "test acc % (best val)", "n", "gain over none", "teacher acc %", "retained %",
-           "gap closed %", "agreement %", "ECE", "student params", "compression", "speed-up"]
+COLUMNS = [
+    "dataset",
+    "teacher -> student",
+    "scheme",
+    "method",
+    "test acc % (last)",
+    "test acc % (best val)",
+    "n",
+    "gain over none",
+    "teacher acc %",
+    "retained %",
+    "gap closed %",
+    "agreement %",
+    "ECE",
+    "student params",
+    "compression",
+    "speed-up",
+]
 
 
 def rows(table) -> list[list[str]]:
     out = []
     for r in table.itertuples(index=False):
         gain = "" if r.gain_over_none != r.gain_over_none else f"{100 * r.gain_over_none:+.2f}"
-        out.append([
-            r.dataset, f"{r.teacher} -> {r.student}", r.scheme, r.method,
-            _pm(r.acc_mean, r.acc_std), _pm(r.acc_best_mean, r.acc_best_std), str(r.n), gain,
-            _pct(r.teacher_acc), _pct(r.retained), _pct(r.gap_closed), _pct(r.agreement),
-            "" if r.ece != r.ece else f"{r.ece:.3f}",
-            "" if r.student_params != r.student_params else f"{int(r.student_params)}",
-            "" if r.compression != r.compression else f"{r.compression:.1f}x",
-            "" if r.speedup != r.speedup else f"{r.speedup:.1f}x",
-        ])
+        out.append(
+            [
+                r.dataset,
+                f"{r.teacher} -> {r.student}",
+                r.scheme,
+                r.method,
+                _pm(r.acc_mean, r.acc_std),
+                _pm(r.acc_best_mean, r.acc_best_std),
+                str(r.n),
+                gain,
+                _pct(r.teacher_acc),
+                _pct(r.retained),
+                _pct(r.gap_closed),
+                _pct(r.agreement),
+                "" if r.ece != r.ece else f"{r.ece:.3f}",
+                "" if r.student_params != r.student_params else f"{int(r.student_params)}",
+                "" if r.compression != r.compression else f"{r.compression:.1f}x",
+                "" if r.speedup != r.speedup else f"{r.speedup:.1f}x",
+            ]
+        )
     return out
 
 
@@ -141,15 +180,29 @@ def plot_pareto(table, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, col, label in ((axes[0], "student_params", "student parameters"),
-                           (axes[1], "student_latency_ms", "student latency, batch 1 (ms)")):
-        for (pair, scheme), g in table.groupby([table["teacher"] + " -> " + table["student"],
-                                                "scheme"]):
-            ax.errorbar(g[col], 100 * g["acc_mean"], yerr=100 * g["acc_std"].fillna(0), fmt="o",
-                        capsize=3, label=f"{pair} ({scheme})")
+    for ax, col, label in (
+        (axes[0], "student_params", "student parameters"),
+        (axes[1], "student_latency_ms", "student latency, batch 1 (ms)"),
+    ):
+        for (pair, scheme), g in table.groupby(
+            [table["teacher"] + " -> " + table["student"], "scheme"]
+        ):
+            ax.errorbar(
+                g[col],
+                100 * g["acc_mean"],
+                yerr=100 * g["acc_std"].fillna(0),
+                fmt="o",
+                capsize=3,
+                label=f"{pair} ({scheme})",
+            )
             for r in g.itertuples(index=False):
-                ax.annotate(r.method, (getattr(r, col), 100 * r.acc_mean), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    r.method,
+                    (getattr(r, col), 100 * r.acc_mean),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy % (mean over seeds)")
@@ -190,8 +243,9 @@ def log_to_mlflow(tracking_uri: str, experiment: str, files: list[Path]) -> str:
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    run = client.create_run(exp.experiment_id, run_name="leaderboard",
-                            tags={"kdbench.role": "leaderboard"})
+    run = client.create_run(
+        exp.experiment_id, run_name="leaderboard", tags={"kdbench.role": "leaderboard"}
+    )
     for f in files:
         client.log_artifact(run.info.run_id, str(f))
     client.set_terminated(run.info.run_id, "FINISHED")
@@ -199,10 +253,14 @@ def log_to_mlflow(tracking_uri: str, experiment: str, files: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kdbench.leaderboard", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or
-                   "sqlite:///mlflow.db")
+    p = argparse.ArgumentParser(
+        prog="python -m kdbench.leaderboard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    )
     p.add_argument("--experiment", default="kdbench")
     for key in GROUP:
         p.add_argument(f"--{key}", help=f"only runs with this {key}")

@@ -11,14 +11,13 @@ MLflow run nested under one parent run per study, tagged with its trial number a
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from kdbench.cli import config_dir
-from kdbench.errors import ConfigError, KdbenchError
+from kdbench.errors import ConfigError, KdbenchError, run_or_exit
 
 PARAM_KEYS = {
     "temperature": "method.temperature",
@@ -196,11 +195,7 @@ def tune(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="tuning", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    try:
-        summary = tune(cfg)
-    except KdbenchError as exc:
-        print(f"kdbench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    summary = run_or_exit(tune, cfg)
     print(f"kdbench.tune: study {summary['study']}: trials {summary['trials']}")
     print(
         f"kdbench.tune: best trial {summary['best_trial']}: val/acc_best={summary['val_acc']:.4f} "

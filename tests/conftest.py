@@ -78,3 +78,25 @@ def mlflow_runs(experiment: str, uri: str | None = None):
     if exp is None:
         return client, []
     return client, client.search_runs([exp.experiment_id])
+
+
+def finished_method_scheme_pairs(tmp_path: Path, methods: str, *extra: str) -> set[tuple[str, str]]:
+    """Sweep ``methods`` x every scheme through the CLI (tiny, 1 epoch, the small CNN student);
+    return the (method, scheme) pairs whose MLflow run FINISHED."""
+    uri = f"sqlite:///{tmp_path / 'pairs.db'}"
+    proc = run_cli(
+        "-m",
+        f"method={methods}",
+        "scheme=offline,online,self",
+        "student=cnn1d_small",
+        "++scheme.generations=2",
+        "trainer.max_epochs=1",
+        *extra,
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = mlflow_runs("kdbench", uri=uri)
+    return {
+        (r.data.tags["method"], r.data.tags["scheme"]) for r in runs if r.info.status == "FINISHED"
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose, mlflow_runs, run_cli
+from conftest import compose, finished_method_scheme_pairs, mlflow_runs
 
 from kdbench.data.base import UNLABELLED
 from kdbench.errors import KdbenchError
@@ -37,25 +37,9 @@ def test_each_method_runs_on_the_default_pair_or_fails_before_training(method):
 
 
 def test_zoo_methods_compose_with_every_scheme_through_the_cli(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'zoo.db'}"
-    methods = ",".join(m for m in ZOO if m != "crd_kd")
-    proc = run_cli(
-        "-m",
-        f"method={methods}",
-        "scheme=offline,online,self",
-        "student=cnn1d_small",
-        "++scheme.generations=2",
-        "trainer.max_epochs=1",
-        "++scheme.peers=2",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": uri},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _, runs = mlflow_runs("kdbench", uri=uri)
-    done = {
-        (r.data.tags["method"], r.data.tags["scheme"]) for r in runs if r.info.status == "FINISHED"
-    }
-    assert done == {(m, s) for m in methods.split(",") for s in ("offline", "online", "self")}
+    methods = [m for m in ZOO if m != "crd_kd"]
+    pairs = finished_method_scheme_pairs(tmp_path, ",".join(methods), "++scheme.peers=2")
+    assert pairs == {(m, s) for m in methods for s in ("offline", "online", "self")}
 
 
 def test_dkd_term_warms_up_and_uses_teacher_labels_for_unlabelled_samples():

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_NO_TEACHER, compose, mlflow_runs, run_cli
+from conftest import TINY_NO_TEACHER, compose, finished_method_scheme_pairs, mlflow_runs
 
 from kdbench.errors import KdbenchError
 from kdbench.losses import kd_loss
@@ -195,27 +195,9 @@ def test_teacher_ensemble_feature_methods_need_a_named_member():
 
 
 def test_every_method_runs_under_every_scheme_through_the_cli(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'pairs.db'}"
-    proc = run_cli(
-        "-m",
-        "method=none,hard,kd,fitnet,at,rkd",
-        "scheme=offline,online,self",
-        "student=cnn1d_small",
-        "++scheme.generations=2",
-        "trainer.max_epochs=1",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": uri},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _, runs = mlflow_runs("kdbench", uri=uri)
-    pairs = {
-        (r.data.tags["method"], r.data.tags["scheme"]) for r in runs if r.info.status == "FINISHED"
-    }
-    assert pairs == {
-        (m, s)
-        for m in ("none", "hard", "kd", "fitnet", "at", "rkd")
-        for s in ("offline", "online", "self")
-    }
+    methods = ("none", "hard", "kd", "fitnet", "at", "rkd")
+    pairs = finished_method_scheme_pairs(tmp_path, ",".join(methods))
+    assert pairs == {(m, s) for m in methods for s in ("offline", "online", "self")}
 
 
 def test_a_pair_that_cannot_work_fails_before_training_under_every_scheme(tmp_path):
