@@ -20,6 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def commit() -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return out.stdout.strip() or "?"
+
+
 def timed(cmd, cwd, env) -> float:
     start = time.perf_counter()
     subprocess.run(
@@ -53,7 +60,8 @@ def main() -> None:
         "# Wall time of `python -m kdbench` (default: kd, cnn1d -> mlp, MNIST-1D, 15 epochs)\n\n"
         f"Produced by `python scripts/wall_time.py --repeats {args.repeats}` on "
         f"{os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d', time.gmtime())}.\n\n"
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
+        f"kdbench {commit()}.\n\n"
         "| case | median wall time |\n|---|---|\n"
         "| cold: new directory, empty cache (data generated, teacher trained, new MLflow store) "
         f"| {fmt(cold)} |\n"
