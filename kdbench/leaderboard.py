@@ -21,19 +21,27 @@ GROUP = ["dataset", "teacher", "student", "scheme", "method"]
 PAIR = GROUP[:-1]
 
 
-def load_runs(tracking_uri: str, experiment: str, include_trials: bool = False, **filters):
-    """One row per FINISHED result run: tags and final metrics (a pandas DataFrame)."""
+def load_runs(
+    tracking_uri: str | list[str], experiment: str, include_trials: bool = False, **filters
+):
+    """One row per FINISHED result run: tags and final metrics (a pandas DataFrame).
+
+    ``tracking_uri`` may be a list and ``experiment`` a comma-separated list: the runs of every
+    such experiment found in every store are pooled."""
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"kdbench: error: no experiment {experiment!r} in {tracking_uri}")
+    uris = [tracking_uri] if isinstance(tracking_uri, str) else list(tracking_uri)
+    runs = []
+    for uri in uris:
+        client = MlflowClient(tracking_uri=uri)
+        exps = [client.get_experiment_by_name(name.strip()) for name in experiment.split(",")]
+        ids = [e.experiment_id for e in exps if e is not None]
+        if ids:
+            runs += client.search_runs(ids, "attributes.status = 'FINISHED'", max_results=50000)
+    if not runs:
+        raise SystemExit(f"kdbench: error: no finished run of experiment {experiment!r} in {uris}")
     rows = []
-    runs = client.search_runs(
-        [exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50000
-    )
     for r in runs:
         tags = r.data.tags
         if "method" not in tags or (not include_trials and "kdbench.study" in tags):
@@ -242,7 +250,7 @@ def log_to_mlflow(tracking_uri: str, experiment: str, files: list[Path]) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
+    exp = client.get_experiment_by_name(experiment.split(",")[0].strip())
     run = client.create_run(
         exp.experiment_id, run_name="leaderboard", tags={"kdbench.role": "leaderboard"}
     )
@@ -259,9 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        "--tracking-uri",
+        action="append",
+        help="MLflow store, repeatable (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db); "
+        "with --out-dir the files are logged to the first",
     )
-    p.add_argument("--experiment", default="kdbench")
+    p.add_argument("--experiment", default="kdbench", help="experiment name(s), comma-separated")
     for key in GROUP:
         p.add_argument(f"--{key}", help=f"only runs with this {key}")
     p.add_argument("--include-trials", action="store_true", help="count tuning trials too")
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pivot", help="print one column per value of this tag (e.g. scheme)")
     p.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
     args = p.parse_args(argv)
+    default_uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    args.tracking_uri = args.tracking_uri or [default_uri]
     filters = {k: getattr(args, k) for k in GROUP}
     table = summarize(load_runs(args.tracking_uri, args.experiment, args.include_trials, **filters))
     if table.empty:
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out_dir:
         files = write(table, Path(args.out_dir))
         if not args.no_mlflow:
-            log_to_mlflow(args.tracking_uri, args.experiment, files)
+            log_to_mlflow(args.tracking_uri[0], args.experiment, files)
         print("wrote " + ", ".join(str(f) for f in files))
 
 

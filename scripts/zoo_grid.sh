@@ -15,3 +15,20 @@ common=(trainer.enable_progress_bar=false mlflow.experiment=mnist1d_zoo seed=0,1
 python -m kdbench -m student=mlp method=reverse_kd,dist,dkd,pkt "${common[@]}"
 python -m kdbench -m student=cnn1d_small method=sp,nst,vid "${common[@]}"
 python -m kdbench -m student=mlp method=crd,crd_kd method.term.nce_k=1024 "${common[@]}"
+# the zoo's table: these runs and the core methods' runs of scripts/offline_grid.sh
+OFF=outputs/mnist1d_offline.db
+[ -f "$OFF" ] || bash scripts/offline_grid.sh
+{
+  echo "# MNIST-1D: the method zoo, offline, 3 seeds"
+  echo
+  echo "Produced by \`scripts/offline_grid.sh\` and \`scripts/zoo_grid.sh\` ($(date -u +%Y-%m-%d), $(nproc) CPU cores, kdbench $(git rev-parse --short HEAD 2>/dev/null || echo '?'))."
+  echo "Teacher cnn1d (88k parameters); 15 epochs, Adam lr 3e-3 cosine, batch 128, transfer set of 20000"
+  echo "unlabelled samples; each method at its reference weights (conf/method/), except CRD with 1024"
+  echo "negatives. DKD keeps its reference 20-epoch warm-up, so in 15 epochs its weight reaches 0.75."
+  echo "Methods that need feature maps (at, sp, nst, vid) run on the small CNN student only."
+  echo "Test accuracy mean ± std over seeds 0, 1, 2. Same rows with every column: leaderboard.md/.csv."
+  echo
+  python -m kdbench.leaderboard --tracking-uri "sqlite:///$PWD/$OFF" --tracking-uri "$MLFLOW_TRACKING_URI" \
+    --experiment mnist1d_offline,mnist1d_zoo --markdown --out-dir results
+} > results/mnist1d_zoo.md
+cat results/mnist1d_zoo.md

@@ -163,3 +163,23 @@ def test_digits(tmp_path):
     assert dm.input_shape == (1, 64) and float(dm.train_x.max()) <= 1.0
     with pytest.raises(ConfigError, match="cannot generate unlabelled samples"):
         Digits(name="digits", data_dir=str(tmp_path), transfer_size=10)
+
+
+def test_efficiency_figures_by_hand():
+    from omegaconf import OmegaConf
+
+    from kdbench.efficiency import compare
+
+    s = TappedModel(create_model("mlp", num_classes=10, input_shape=(1, 40)), {})
+    t = TappedModel(create_model("cnn1d", num_classes=10, input_shape=(1, 40)), {})
+    cfg = OmegaConf.create({"device": "cpu", "latency_runs": 5, "throughput_batch": 64})
+    threads = torch.get_num_threads()
+    r = compare(s, t, (1, 40), cfg)
+    assert torch.get_num_threads() == threads  # latency is timed single-threaded, then restored
+    # a linear layer costs 2 * in * out FLOPs per sample
+    assert r["student/flops"] == 2 * (40 * 100 + 100 * 100 + 100 * 10)
+    assert r["student/params"] == count_parameters(s.model) == 15210
+    assert r["student/size_mb"] == pytest.approx(15210 * 4 / 2**20)
+    assert r["compression"] == pytest.approx(88394 / 15210)
+    assert r["speedup"] == pytest.approx(r["teacher/latency_ms"] / r["student/latency_ms"])
+    assert r["student/throughput"] > 0 and r["teacher/flops"] > r["student/flops"]
