@@ -148,6 +148,8 @@ def prepare(cfg: DictConfig) -> Context:
         )
     student = build_model(cfg, scheme.student_role, dm)
     teacher = build_model(cfg, "teacher", dm)
+    with tempfile.TemporaryDirectory() as tmp:  # trainer options fail now, not after the data
+        make_trainer(cfg, Path(tmp), logger=False, enable_checkpointing=False)
     ctx = Context(cfg, dm, method, student, teacher, scheme)
     scheme.prepare(ctx)
     dm.use_transfer = method.uses_teacher
@@ -155,11 +157,18 @@ def prepare(cfg: DictConfig) -> Context:
 
 
 def make_trainer(cfg: DictConfig, root: Path, **overrides):
+    """A ``lightning.Trainer`` from the ``trainer`` group; a bad option is a one-line error."""
     import lightning as L
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(overrides)
-    return L.Trainer(default_root_dir=str(root), **kwargs)
+    try:
+        return L.Trainer(default_root_dir=str(root), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - unknown keyword, unavailable accelerator, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KdbenchError(
+            f"the trainer options {kwargs} are not valid for lightning.Trainer: {first}"
+        ) from None
 
 
 def _output_dir() -> Path:

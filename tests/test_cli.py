@@ -72,6 +72,7 @@ def test_multirun_sweep_runs_every_combination(cwd, workdir):
 
 
 BAD = [
+    (["trainer.accelerator=nosuch"], "are not valid for lightning.Trainer"),
     (["method.temperature=0"], "method.temperature=0 is invalid: must be a finite number > 0"),
     (["method.temperature=-1"], "method.temperature=-1 is invalid"),
     (["method.alpha=-0.5"], "method.alpha=-0.5 is invalid: must be a finite number >= 0"),
