@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         files = write(table, Path(args.out_dir))
         if not args.no_mlflow:
             log_to_mlflow(args.tracking_uri[0], args.experiment, files)
-        print("wrote " + ", ".join(str(f) for f in files))
+        print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
 
 
 if __name__ == "__main__":
