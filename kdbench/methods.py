@@ -41,6 +41,19 @@ class Term(nn.Module):
     ) -> None:
         """Check the two models' outputs suit the term (one-line error if not); make modules."""
 
+    def single_taps(self, method, student, teacher, student_name, teacher_name):
+        """The ``self.tap`` output of both models, each one tensor (one-line error if not)."""
+        for role, name, out in (
+            ("student", student_name, student),
+            ("teacher", teacher_name, teacher),
+        ):
+            if not isinstance(out.features.get(self.tap), torch.Tensor):
+                raise KdbenchError(
+                    f"method={method} needs one {self.tap!r} tap on the {role} {name}: "
+                    f"set {role}.taps.{self.tap} to a module path"
+                )
+        return student.features[self.tap], teacher.features[self.tap]
+
     def bind_data(self, dm) -> None:
         """Called with the data module before each fit (e.g. to size memory banks)."""
 
@@ -134,21 +147,11 @@ class HintTerm(Term):
         self.regressor: nn.Module = nn.Identity()
 
     def build(self, method, student, teacher, student_name, teacher_name):
-        for role, name, out in (
-            ("student", student_name, student),
-            ("teacher", teacher_name, teacher),
-        ):
-            if not isinstance(out.features.get(self.tap), torch.Tensor):
-                raise KdbenchError(
-                    f"method={method} needs one {self.tap!r} tap on the {role} {name}: "
-                    f"set {role}.taps.{self.tap} to a module path"
-                )
-        self.regressor = make_regressor(
-            student.features[self.tap].shape, teacher.features[self.tap].shape
-        )
+        s, t = self.single_taps(method, student, teacher, student_name, teacher_name)
+        self.regressor = make_regressor(s.shape, t.shape)
         with torch.no_grad():
             self.regressor.eval()
-            self.loss(self.regressor(student.features[self.tap]), teacher.features[self.tap])
+            self.loss(self.regressor(s), t)
             self.regressor.train()
 
     def forward(self, s, t, y, epoch, index):
@@ -248,12 +251,7 @@ class CRDTerm(Term):
         self.crd: nn.Module | None = None
 
     def build(self, method, student, teacher, student_name, teacher_name):
-        s, t = student.features.get(self.tap), teacher.features.get(self.tap)
-        if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor):
-            raise KdbenchError(
-                f"method={method} needs one {self.tap!r} output on both models: set "
-                f"student.taps.{self.tap} and teacher.taps.{self.tap}"
-            )
+        s, t = self.single_taps(method, student, teacher, student_name, teacher_name)
         self.dims = (math.prod(s.shape[1:]), math.prod(t.shape[1:]))
         self.bind_size(self.nce_k + 1)  # provisional banks; sized to the data by bind_data
 

@@ -26,7 +26,7 @@ class Offline(SchemeModule):
         super().__init__(optim_cfg)
         self.student, self.method = student, method
         self.teacher = teacher
-        if teacher is not None:
+        if teacher is not None:  # frozen: no gradients, so the optimizer never sees its weights
             teacher.requires_grad_(False)
             teacher.eval()
         self.cache_teacher_outputs = cache_teacher_outputs
@@ -51,13 +51,6 @@ class Offline(SchemeModule):
         if self.teacher is not None:
             self.teacher.eval()
         return self
-
-    def trainable_parameters(self):
-        return [
-            p
-            for n, p in self.named_parameters()
-            if p.requires_grad and not n.startswith("teacher.")
-        ]
 
     # -- teacher outputs ------------------------------------------------------------------
     def on_fit_start(self) -> None:

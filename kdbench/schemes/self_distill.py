@@ -46,6 +46,7 @@ class BornAgain(Offline):
 
     @classmethod
     def execute(cls, ctx, runner) -> dict[str, float]:
+        from kdbench.models import count_parameters
         from kdbench.run import attach_method, build_model
 
         cfg = ctx.cfg
@@ -60,7 +61,7 @@ class BornAgain(Offline):
             else:  # a fresh network and fresh auxiliary modules for every generation
                 student, method = build_model(cfg, "teacher", ctx.dm), ctx.method.copy()
                 attach_method(method, student, teacher, cfg, ctx.dm, roles=("teacher", "teacher"))
-                aux += sum(p.numel() for p in method.parameters())
+                aux += count_parameters(method)
             module = cls(
                 student,
                 teacher,
