@@ -5,6 +5,11 @@ class carves out the validation split, appends the transfer set for distillation
 batches ``(x, y, index)``. Unlabelled samples carry ``y = -1``: hard-label losses skip them,
 distillation terms use them. ``index`` addresses the sample in the training set, for caches of
 teacher outputs and for contrastive methods.
+
+Arrays are stored as ``storage_dtype`` (float32 by default; image data sets keep uint8 pixels,
+a quarter of the memory) and become model input in :meth:`ArrayDataModule.batch_transform`,
+which Lightning runs on the device after the transfer (``on_after_batch_transfer``): this is
+where image data sets scale, augment (training batches only) and normalise.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class ArrayDataModule(L.LightningDataModule):
     name = "arrays"
     num_classes: int
     has_generator = False  # can make an unlabelled transfer set of any size
+    storage_dtype: torch.dtype = torch.float32  # dtype of the stored x tensors
 
     def __init__(
         self,
@@ -82,18 +88,47 @@ class ArrayDataModule(L.LightningDataModule):
     # -- subclass interface -------------------------------------------------------------
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Shape of one model input (after :meth:`batch_transform`), without the batch axis."""
         raise NotImplementedError
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of one stored sample (``train_x[i]``); the input shape unless the transform
+        changes it (e.g. crops)."""
+        return self.input_shape
 
     def generate(self) -> dict[str, np.ndarray]:
         """Return ``x``, ``y``, ``x_test``, ``y_test`` and, if any, ``x_transfer``."""
         raise NotImplementedError
 
+    def batch_transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """Turn a batch of stored samples (``storage_dtype``, any device) into model input.
+
+        ``train`` says whether it is a training batch (random augmentation applies only then,
+        and only if ``self.augment``). With ``train=False`` it is deterministic, so it may be
+        applied to stored tensors directly (e.g. for a cache of teacher outputs). Default: the
+        identity (arrays already stored as model input).
+        """
+        return x
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning hook, run on the device after the transfer: ``batch_transform`` on x."""
+        if type(self).batch_transform is ArrayDataModule.batch_transform:
+            return batch  # the identity: leave the batch as it came
+        x, *rest = batch
+        train = self.trainer is not None and self.trainer.training
+        return (self.batch_transform(x, train), *rest)
+
     # -- validation -----------------------------------------------------------------------
     def _check(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("dataset.batch_size", self.batch_size, "must be a positive integer")
-        if self.val_size < 1:
-            raise ConfigError("dataset.val_size", self.val_size, "must be a positive integer")
+        if self.val_size < 0:
+            raise ConfigError(
+                "dataset.val_size",
+                self.val_size,
+                "must be >= 0 (0 means no validation split: validate on the test set)",
+            )
         if self.transfer_size < 0:
             raise ConfigError(
                 "dataset.transfer_size",
@@ -164,23 +199,25 @@ class ArrayDataModule(L.LightningDataModule):
         if hasattr(self, "train_x"):
             return
         a = self.arrays()
-        x = torch.as_tensor(a["x"], dtype=torch.float32).reshape(-1, *self.input_shape)
+        x = self._tensor(a["x"])
         y = torch.as_tensor(a["y"], dtype=torch.long)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
-        val, train = perm[: self.val_size], perm[self.val_size :]
-        self.train_x, self.train_y = x[train], y[train]
-        self.val_x, self.val_y = x[val], y[val]
-        self.test_x = torch.as_tensor(a["x_test"], dtype=torch.float32).reshape(
-            -1, *self.input_shape
-        )
+        self.test_x = self._tensor(a["x_test"])
         self.test_y = torch.as_tensor(a["y_test"], dtype=torch.long)
+        if self.val_size == 0:  # no validation split: the test set serves as validation set
+            self.train_x, self.train_y = x, y
+            self.val_x, self.val_y = self.test_x, self.test_y
+        else:
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+            val, train = perm[: self.val_size], perm[self.val_size :]
+            self.train_x, self.train_y = x[train], y[train]
+            self.val_x, self.val_y = x[val], y[val]
         if "x_transfer" in a and self.transfer_size > 0:
-            xt = torch.as_tensor(a["x_transfer"], dtype=torch.float32).reshape(
-                -1, *self.input_shape
-            )
-            self.transfer_x = xt[: self.transfer_size]
+            self.transfer_x = self._tensor(a["x_transfer"])[: self.transfer_size]
         else:
             self.transfer_x = x[:0]
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=self.storage_dtype).reshape(-1, *self.stored_shape)
 
     # -- loaders ------------------------------------------------------------------------
     def distill_set(self) -> BatchTensorDataset:
@@ -204,3 +241,29 @@ class ArrayDataModule(L.LightningDataModule):
         return self._loader(
             BatchTensorDataset(self.test_x, self.test_y), self.eval_batch_size, False
         )
+
+
+class ImageDataModule(ArrayDataModule):
+    """Base for image data sets: pixels stored as uint8 ``(N, C, H, W)``; a batch becomes model
+    input on its device: scaled to [0, 1], augmented (:meth:`train_augment`) when ``train`` and
+    ``self.augment``, else :meth:`eval_view`, then normalised with ``mean``/``std``."""
+
+    storage_dtype = torch.uint8
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def train_augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random augmentation of a float batch in [0, 1] (training only)."""
+        return x
+
+    def eval_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic view of a float batch in [0, 1] (evaluation, or no augmentation)."""
+        return x
+
+    def batch_transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """uint8 pixels (or floats already in [0, 1]) -> normalised float32 model input."""
+        from kdbench.data.augment import normalize
+
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = self.train_augment(x) if train and self.augment else self.eval_view(x)
+        return normalize(x, self.mean, self.std)
