@@ -23,6 +23,9 @@ def config_dir() -> str:
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float:
     from kdbench.errors import run_or_exit
+    from kdbench.validate import check_config
+
+    run_or_exit(check_config, cfg)  # config-only checks first: no torch import for a typo
     from kdbench.run import run
 
     metrics = run_or_exit(run, cfg)

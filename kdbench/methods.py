@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.errors import ConfigError, KdbenchError
+from kdbench.errors import KdbenchError
 from kdbench.losses import kd_loss, logit_standardize
 from kdbench.taps import Outputs
-
-KNOWLEDGE_TYPES = ("none", "response", "feature", "attention", "relation")
 
 
 class Term(nn.Module):
@@ -400,26 +398,9 @@ class Method(nn.Module):
 def build_method(cfg) -> Method:
     """A :class:`Method` from the ``method`` config group, its values checked."""
     from kdbench.errors import checked_instantiate
+    from kdbench.validate import check_method
 
-    if cfg.knowledge not in KNOWLEDGE_TYPES:
-        raise ConfigError(
-            "method.knowledge", cfg.knowledge, f"must be one of {list(KNOWLEDGE_TYPES)}"
-        )
-    for key in ("gamma", "alpha", "beta"):
-        value = cfg[key]
-        if not isinstance(value, int | float) or not value >= 0 or math.isinf(value):
-            raise ConfigError(f"method.{key}", value, "must be a finite number >= 0")
-    t = cfg.temperature
-    if not isinstance(t, int | float) or not t > 0 or math.isinf(t):
-        raise ConfigError("method.temperature", t, "must be a finite number > 0")
-    if cfg.gamma == 0 and cfg.alpha == 0 and cfg.beta == 0:
-        raise ConfigError("method.gamma", 0, "gamma, alpha and beta are all 0: nothing to train on")
-    if cfg.beta > 0 and cfg.get("term") is None:
-        raise ConfigError(
-            "method.beta",
-            cfg.beta,
-            f"method {cfg.name} has no method term: leave beta at 0 or pick a method that has one",
-        )
+    check_method(cfg)
     term = checked_instantiate(cfg.term) if cfg.get("term") is not None else None
     return Method(
         cfg.name,
@@ -427,7 +408,7 @@ def build_method(cfg) -> Method:
         cfg.gamma,
         cfg.alpha,
         cfg.beta,
-        t,
+        cfg.temperature,
         term,
         cfg.get("logit_std", False),
     )

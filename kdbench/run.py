@@ -48,19 +48,6 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _check_top_level(cfg: DictConfig) -> None:
-    if not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ConfigError("seed", cfg.seed, "must be an integer >= 0")
-    epochs = cfg.trainer.get("max_epochs")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError("trainer.max_epochs", epochs, "must be an integer >= 1")
-    if not isinstance(cfg.teacher.epochs, int) or cfg.teacher.epochs < 1:
-        raise ConfigError("teacher.epochs", cfg.teacher.epochs, "must be an integer >= 1")
-    for key, lr in (("optim.lr", cfg.optim.lr), ("teacher.optim.lr", cfg.teacher.optim.lr)):
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ConfigError(key, lr, "must be a number > 0")
-
-
 def _container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
@@ -133,8 +120,9 @@ def prepare(cfg: DictConfig) -> Context:
 
     from kdbench.errors import checked_instantiate
     from kdbench.methods import build_method
+    from kdbench.validate import check_config
 
-    _check_top_level(cfg)
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = checked_instantiate(cfg.dataset, _convert_="all")
     method = build_method(cfg.method)
@@ -210,14 +198,17 @@ class Runner:
             self.cfg, self.root, logger=self.logger, callbacks=[ckpt, *self.callbacks]
         )
         L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        prefix = f"{name}_" if name else ""
         for term in module.modules():
             if isinstance(term, Term):
                 term.bind_data(self.dm)
         trainer.fit(module, datamodule=self.dm)
+        if self.logger and module.run_tags:
+            for key, value in module.run_tags.items():
+                self.logger.experiment.set_tag(self.logger.run_id, f"{prefix}{key}", value)
         module.test_tag = "last"
         trainer.test(module, datamodule=self.dm, verbose=False)
         metrics = dict(module.test_metrics)
-        prefix = f"{name}_" if name else ""
         torch.save(student_model.state_dict(), self.artifacts / f"{prefix}student.pt")
         aux = {
             k: v for k, v in module.state_dict().items() if k.startswith(("method.", "methods."))

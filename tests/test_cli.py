@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,30 @@ def test_unwritable_data_directory_is_a_clear_error(cwd):
     proc = run_cli(f"dataset.data_dir={blocker}/data", "dataset.seed=4242", cwd=cwd)
     assert proc.returncode == 2
     assert "cannot write the data cache in dataset.data_dir" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("seed=-1", "seed"),
+        ("method.temperature=0", "method.temperature"),
+        ("optim.name=rmsprop", "optim.name"),
+        ("teacher.optim.scheduler=linear", "teacher.optim.scheduler"),
+        ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ],
+)
+def test_config_errors_are_found_before_torch_is_imported(cwd, override, key):
+    # what makes them fast (start-up is measured in scripts/perf.py, not timed here)
+    code = (
+        "import sys\n"
+        "from kdbench.cli import main\n"
+        f"sys.argv = ['kdbench', {override!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n"
+        "    print('EXIT', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert "EXIT 2 False False" in proc.stdout
+    assert proc.stderr.strip().startswith(f"kdbench: error: {key}=")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -147,6 +147,7 @@ class SchemeModule(EvalMixin, L.LightningModule):
         super().__init__()
         self.optim_cfg = optim_cfg
         self.automatic_optimization = False
+        self.run_tags: dict[str, str] = {}  # set during a fit, recorded as MLflow tags
 
     # -- pipeline hooks -----------------------------------------------------------------------
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kdbench import teacher_outputs as output_cache
 from kdbench.methods import Method
 from kdbench.schemes.base import SchemeModule
 from kdbench.taps import Outputs, TappedModel
@@ -22,6 +23,7 @@ class Offline(SchemeModule):
         optim_cfg,
         cache_teacher_outputs: bool = True,
         cache_limit_mb: float = 2048,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(optim_cfg)
         self.student, self.method = student, method
@@ -31,20 +33,13 @@ class Offline(SchemeModule):
             teacher.eval()
         self.cache_teacher_outputs = cache_teacher_outputs
         self.cache_limit_mb = cache_limit_mb
+        self.cache_dir = cache_dir  # where teacher outputs persist across runs (None: per fit)
         self._teacher_cache: Outputs | None = None
         self.strict_loading = False  # checkpoints hold no teacher weights
 
     @classmethod
     def from_context(cls, ctx) -> Offline:
-        method = ctx.method
-        return cls(
-            ctx.student,
-            ctx.teacher,
-            method,
-            ctx.cfg.optim,
-            cache_teacher_outputs=ctx.cfg.teacher_output_cache.enabled,
-            cache_limit_mb=ctx.cfg.teacher_output_cache.max_mb,
-        )
+        return cls(ctx.student, ctx.teacher, ctx.method, ctx.cfg.optim, **cache_options(ctx.cfg))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -54,37 +49,26 @@ class Offline(SchemeModule):
 
     # -- teacher outputs ------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        """Teacher outputs over the distillation set, once per fit (or loaded from an earlier
+        run's cache): see :mod:`kdbench.teacher_outputs`."""
         self._teacher_cache = None
         dm = self.trainer.datamodule
-        if (
-            self.teacher is None
-            or not self.method.uses_teacher
-            or not self.cache_teacher_outputs
-            or dm is None
-            or getattr(dm, "augment", True)
-        ):
+        if self.teacher is None or not self.method.uses_teacher or dm is None:
             return
-        ds = dm.distill_set()
-        chunks: list[Outputs] = []
-        with torch.no_grad():
-            for i in range(0, len(ds), dm.eval_batch_size):
-                x = ds.x[i : i + dm.eval_batch_size].to(self.device)
-                chunks.append(self.teacher(x, self.method.taps))
-                if i == 0:
-                    per_sample = sum(t.numel() for t in _tensors(chunks[0])) / len(x) * 4
-                    if per_sample * len(ds) / 2**20 > self.cache_limit_mb:
-                        return  # too large to hold: fall back to a teacher forward per step
-        self._teacher_cache = Outputs(
-            torch.cat([c.logits for c in chunks]),
-            {k: _cat([c.features[k] for c in chunks]) for k in chunks[0].features},
+        if not self.cache_teacher_outputs:
+            self.run_tags["teacher_outputs"] = "off"
+            return
+        if getattr(dm, "augment", True):
+            self.run_tags["teacher_outputs"] = "off (augmentation)"
+            return
+        self._teacher_cache, self.run_tags["teacher_outputs"] = output_cache.resolve(
+            self.teacher, dm, self.method.taps, self.device, self.cache_limit_mb, self.cache_dir
         )
 
     def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> Outputs:
         cache = self._teacher_cache
         if cache is not None:
-            return Outputs(
-                cache.logits[idx], {k: _index(v, idx) for k, v in cache.features.items()}
-            )
+            return output_cache.index(cache, idx.to(cache.logits.device))
         with torch.no_grad():
             return self.teacher(x, self.method.taps)
 
@@ -111,17 +95,11 @@ class Offline(SchemeModule):
             del sd[key]
 
 
-def _tensors(out: Outputs):
-    yield out.logits
-    for v in out.features.values():
-        yield from (v if isinstance(v, list) else [v])
-
-
-def _cat(parts: list):
-    if isinstance(parts[0], list):
-        return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
-    return torch.cat(parts)
-
-
-def _index(v, idx):
-    return [t[idx] for t in v] if isinstance(v, list) else v[idx]
+def cache_options(cfg) -> dict:
+    """The ``teacher_output_cache`` config as keyword arguments of :class:`Offline`."""
+    c = cfg.teacher_output_cache
+    return {
+        "cache_teacher_outputs": c.enabled,
+        "cache_limit_mb": c.max_mb,
+        "cache_dir": c.dir if c.get("persist", True) else None,
+    }

@@ -14,18 +14,19 @@ import torch
 
 from kdbench.errors import ConfigError
 from kdbench.metrics import accuracy, ensemble_logits
-from kdbench.schemes.offline import Offline
+from kdbench.schemes.offline import Offline, cache_options
 
 
 @torch.no_grad()
-def predict(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of ``model`` (eval mode, on its own device) over ``loader``."""
+def predict(model, dm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``model`` (eval mode, on its own device) over ``dm``'s test set,
+    each batch through the data module's evaluation transform."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for x, y, _ in loader:
-        logits.append(model(x.to(device)).float().cpu())
+    for x, y, _ in dm.test_dataloader():
+        logits.append(model(dm.batch_transform(x.to(device), train=False)).float().cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
@@ -50,8 +51,7 @@ class BornAgain(Offline):
         from kdbench.run import attach_method, build_model
 
         cfg = ctx.cfg
-        test = ctx.dm.test_dataloader()
-        logits, y = predict(ctx.teacher.model, test)
+        logits, y = predict(ctx.teacher.model, ctx.dm)
         all_logits = [logits]
         metrics: dict[str, float] = {"test/gen0/acc": accuracy(logits, y)}
         teacher, aux = ctx.teacher, 0
@@ -62,16 +62,9 @@ class BornAgain(Offline):
                 student, method = build_model(cfg, "teacher", ctx.dm), ctx.method.copy()
                 attach_method(method, student, teacher, cfg, ctx.dm, roles=("teacher", "teacher"))
                 aux += count_parameters(method)
-            module = cls(
-                student,
-                teacher,
-                method,
-                cfg.optim,
-                cache_teacher_outputs=cfg.teacher_output_cache.enabled,
-                cache_limit_mb=cfg.teacher_output_cache.max_mb,
-            )
+            module = cls(student, teacher, method, cfg.optim, **cache_options(cfg))
             gen_metrics = runner.fit_and_test(module, student.model, name=f"gen{k}")
-            logits, _ = predict(student.model, test)  # the weights of the last epoch
+            logits, _ = predict(student.model, ctx.dm)  # the weights of the last epoch
             all_logits.append(logits)
             metrics[f"test/gen{k}/acc"] = accuracy(logits, y)
             metrics[f"test/gen{k}/acc_best"] = gen_metrics["test/acc_best"]

@@ -1,0 +1,158 @@
+"""The frozen teacher's outputs over the distillation set, computed once and reused.
+
+Offline distillation without random augmentation feeds the teacher the same samples every epoch,
+so its outputs (logits, and the tapped features the method needs) are a function of the teacher's
+weights, the data and the taps. They are computed in one pass at the start of a fit, kept on the
+training device and indexed per batch by sample index, and saved under
+``teacher_output_cache.dir`` keyed by a hash of all of that, so that every later run with the same
+teacher, data and taps (other seeds, methods with the same taps, other students, tuning trials)
+loads them instead of running the teacher. With augmentation on, the outputs depend on the random
+view: no cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdbench.taps import Outputs
+
+CACHE_VERSION = 1
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(teacher, dm, taps: frozenset[str], device: torch.device) -> str:
+    """Everything that determines the outputs: weights, data (and its view), taps, device type."""
+    tap_paths = {t: getattr(teacher, "taps", {}).get(t) for t in sorted(taps)}
+    what = {
+        "version": CACHE_VERSION,
+        "weights": weights_digest(teacher),
+        "teacher": type(teacher).__name__,
+        "ensemble": [getattr(teacher, "temperature", None), getattr(teacher, "feature_member", 0)],
+        "data": dm.cache_key(),
+        "data_class": f"{type(dm).__module__}.{type(dm).__qualname__}",
+        "transfer": bool(dm.use_transfer),
+        "taps": {k: v for k, v in tap_paths.items()},
+        "device": device.type,
+    }
+    digest = json.dumps(what, sort_keys=True, default=str).encode()
+    return hashlib.sha256(digest).hexdigest()[:20]
+
+
+def _tensors(out: Outputs):
+    yield out.logits
+    for v in out.features.values():
+        yield from (v if isinstance(v, list) else [v])
+
+
+def _cat(parts: list):
+    if isinstance(parts[0], list):
+        return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+    return torch.cat(parts)
+
+
+def index(out: Outputs, idx: torch.Tensor) -> Outputs:
+    """The cached outputs of the samples ``idx``."""
+    return Outputs(
+        out.logits[idx],
+        {
+            k: [t[idx] for t in v] if isinstance(v, list) else v[idx]
+            for k, v in out.features.items()
+        },
+    )
+
+
+@torch.no_grad()
+def compute(teacher, dm, ds, taps, device, limit_mb: float) -> Outputs | None:
+    """One pass of the teacher (eval transform) over the distillation set ``ds``; None when the
+    outputs would exceed ``limit_mb``."""
+    chunks: list[Outputs] = []
+    for i in range(0, len(ds), dm.eval_batch_size):
+        x = dm.batch_transform(ds.x[i : i + dm.eval_batch_size].to(device), train=False)
+        chunks.append(teacher(x, taps))
+        if i == 0:
+            per_sample = sum(t.numel() * t.element_size() for t in _tensors(chunks[0])) / len(x)
+            if per_sample * len(ds) / 2**20 > limit_mb:
+                return None
+    return Outputs(
+        torch.cat([c.logits for c in chunks]),
+        {k: _cat([c.features[k] for c in chunks]) for k in chunks[0].features},
+    )
+
+
+def load(path: Path, device, n: int) -> Outputs | None:
+    """The saved outputs at ``path`` (None if absent, unreadable or of another size)."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        out = Outputs(obj["logits"], obj["features"])
+        if len(out.logits) != n:
+            raise ValueError(f"{len(out.logits)} samples, expected {n}")
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry is recomputed over
+        print(f"kdbench: recomputing an unusable teacher-output cache entry {path} ({exc})")
+        return None
+    if device.type != "cpu":
+        out = Outputs(
+            out.logits.to(device),
+            {
+                k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
+                for k, v in out.features.items()
+            },
+        )
+    return out
+
+
+def save(path: Path, out: Outputs) -> None:
+    """Atomic write: a crash leaves the old entry or none, never half of one. A cache that
+    cannot be written is skipped with a notice (the run has the outputs in memory)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            cpu = {
+                "logits": out.logits.cpu(),
+                "features": {
+                    k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
+                    for k, v in out.features.items()
+                },
+            }
+            torch.save(cpu, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        print(f"kdbench: not saving teacher outputs to {path} ({exc})")
+
+
+def resolve(teacher, dm, taps, device, limit_mb: float, directory: str | None):
+    """``(outputs or None, source)`` with source one of cached, computed, too_large."""
+    path, ds = None, dm.distill_set()
+    if directory:
+        name = f"{dm.name}-{cache_key(teacher, dm, taps, device)}.pt"
+        path = Path(os.path.expanduser(str(directory))) / name
+        out = load(path, device, len(ds))
+        if out is not None:
+            return out, "cached"
+    out = compute(teacher, dm, ds, taps, device, limit_mb)
+    if out is None:
+        return None, "too_large"
+    if path is not None:
+        save(path, out)
+    return out, "computed"
