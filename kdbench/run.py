@@ -141,6 +141,7 @@ def prepare(cfg: DictConfig) -> Context:
     ctx = Context(cfg, dm, method, student, teacher, scheme)
     scheme.prepare(ctx)
     dm.use_transfer = method.uses_teacher
+    dm.steps_per_call = dm.resolve_steps(cfg.get("steps_per_call", 1))
     return ctx
 
 

@@ -64,9 +64,8 @@ class TappedModel(nn.Module):
         self.model = model
         self.taps = taps
         self._store: dict[str, torch.Tensor] | None = None
-        paths = {p for v in taps.values() for p in (v if isinstance(v, list) else [v]) if p}
-        for path in sorted(paths):
-            self.model.get_submodule(path).register_forward_hook(self._hook(path))
+        self._hooked: set[str] = set()  # hooks are added on a tap's first request: a module
+        # with a forward hook is slower to call, so models asked for logits alone have none
 
     def _hook(self, path: str):
         def hook(_module, _inputs, output):
@@ -75,9 +74,18 @@ class TappedModel(nn.Module):
 
         return hook
 
+    def _ensure_hooks(self, taps) -> None:
+        for tap in taps:
+            spec = self.taps.get(tap)
+            for path in spec if isinstance(spec, list) else [spec]:
+                if path and path not in self._hooked:
+                    self.model.get_submodule(path).register_forward_hook(self._hook(path))
+                    self._hooked.add(path)
+
     def forward(self, x: torch.Tensor, taps: frozenset[str] | set[str] = frozenset()) -> Outputs:
         if not taps:
             return Outputs(self.model(x))
+        self._ensure_hooks(taps)
         self._store = {}
         try:
             logits = self.model(x)

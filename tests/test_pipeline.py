@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 from conftest import compose, mlflow_runs
@@ -179,3 +180,23 @@ def test_a_nan_loss_stops_the_run_naming_the_term_and_marks_it_failed():
         run(compose("method=kd", "optim.lr=1e30", "mlflow.experiment=nanloss"))
     _, runs = mlflow_runs("nanloss")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+class _Steps(L.Callback):
+    def on_fit_end(self, trainer, module):
+        self.global_step = trainer.global_step
+        self.served = trainer.num_training_batches
+        self.lr = [g["lr"] for o in trainer.optimizers for g in o.param_groups]
+
+
+@pytest.mark.parametrize("scheme", ["offline", "online"])
+def test_steps_per_call_trains_exactly_as_one_step_per_batch(scheme):
+    one, four = _Steps(), _Steps()
+    base = ("method=kd", f"scheme={scheme}", "mlflow.experiment=spc", "seed=2")
+    a = run(compose(*base, "steps_per_call=1"), callbacks=[one])
+    b = run(compose(*base, "steps_per_call=4"), callbacks=[four])
+    assert a["test/acc"] == b["test/acc"] and a["val/acc_best"] == b["val/acc_best"]
+    # every optimizer step counts once (per peer), and the cosine schedule ends at 0 in both
+    assert one.global_step == four.global_step > 0
+    assert four.served == -(-one.served // 4)
+    assert one.lr == four.lr and max(one.lr) < 1e-6

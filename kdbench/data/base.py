@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -81,6 +82,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.transfer_size = int(transfer_size)
         self.generation = generation
         self.use_transfer = False  # set by the scheme when distillation terms need it
+        self.steps_per_call = 1  # training batches served per loader item (see resolve_steps)
         self.augment = False  # no random augmentation: teacher outputs are fixed per sample
         self._check()
         self._arrays: dict[str, np.ndarray] | None = None
@@ -232,7 +234,21 @@ class ArrayDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_identity)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.distill_set(), self.batch_size, shuffle=True)
+        """Shuffled training batches; ``steps_per_call`` consecutive ones served as one item
+        (the scheme splits it back into steps of ``batch_size``)."""
+        return self._loader(self.distill_set(), self.batch_size * self.steps_per_call, True)
+
+    def resolve_steps(self, value) -> int:
+        """``steps_per_call``: an integer >= 1, or ``auto``: as many as fit in 32 MB of stored
+        samples, at most 8 (tiny steps amortise the training loop's per-batch cost; large ones
+        gain nothing and would hold more memory)."""
+        if value == "auto":
+            per_sample = torch.empty((), dtype=self.storage_dtype).element_size()
+            per_sample *= math.prod(self.stored_shape)
+            return max(1, min(8, (32 * 2**20) // max(1, per_sample * self.batch_size)))
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError("steps_per_call", value, "must be an integer >= 1 or auto")
+        return value
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(BatchTensorDataset(self.val_x, self.val_y), self.eval_batch_size, False)

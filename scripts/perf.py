@@ -1,0 +1,382 @@
+"""kdbench's speed against a hand-written PyTorch loop, its start-up, and its caches.
+
+Writes results/perf.md. Sections:
+
+1. Overhead: training throughput (samples/s over whole training epochs, validation excluded)
+   of kdbench and of a minimal plain PyTorch loop doing the same forward/backward/optimizer
+   work on the same models and data, alternated in this process (``--rounds`` times), for
+   offline kd (cnn1d -> mlp), offline at (cnn1d -> cnn1d_small) and online kd (DML, both
+   peers trained). The first epoch of each run is warm-up and not counted.
+2. Teacher-output cache: epoch throughput of offline kd with the cache on vs off (teacher
+   forward every step), and the fit start-up of a run that fills the cross-run cache vs one
+   that reads it.
+3. Start-up, in fresh processes: ``--help``, a config error, time to the first training step.
+4. Cold vs warm default run (``python -m kdbench``): empty cache vs data and teacher cached.
+
+Usage: python scripts/perf.py [--rounds 3] [--epochs 4] [--repeats 3] [--out results/perf.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kdbench.losses import attention_loss, kd_loss  # noqa: E402
+
+# The benchmarked pairs: (label, overrides, plain-loop kind)
+CASES = [
+    ("offline kd, cnn1d (88k) -> mlp (15k)", ["method=kd"], "kd"),
+    ("offline at, cnn1d (88k) -> cnn1d_small (3.5k)", ["method=at", "student=cnn1d_small"], "at"),
+    ("online kd (DML), peers cnn1d + mlp", ["method=kd", "scheme=online"], "online"),
+]
+
+
+def commit() -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return out.stdout.strip() or "?"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from kdbench.cli import config_dir
+
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+class EpochTimer(L.Callback):
+    """Seconds and samples of each training epoch, from its start to its last batch's end
+    (validation, which runs after the last batch, is not counted); and fit start-up."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[float, int]] = []
+        self.fit_start = self.first_epoch = None
+
+    def on_fit_start(self, trainer, module):
+        self.fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, module):
+        if self.first_epoch is None:
+            self.first_epoch = time.perf_counter()
+        self._t, self._n = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._n += len(batch[0])
+        if batch_idx == trainer.num_training_batches - 1:
+            self.epochs.append((time.perf_counter() - self._t, self._n))
+
+
+def throughput(epochs: list[tuple[float, int]]) -> float:
+    """Samples/s over the epochs after the first."""
+    rest = epochs[1:] or epochs
+    return sum(n for _, n in rest) / sum(t for t, _ in rest)
+
+
+def run_kdbench(overrides: list[str], workdir: Path) -> EpochTimer:
+    from kdbench.run import run
+
+    cfg = compose(
+        [
+            *overrides,
+            "trainer.enable_progress_bar=false",
+            "efficiency.enabled=false",
+            f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+            "mlflow.experiment=perf",
+        ]
+    )
+    timer = EpochTimer()
+    os.environ["KDBENCH_PRINT_METRICS"] = "0"
+    run(cfg, callbacks=[timer], root=workdir / "run")
+    return timer
+
+
+# -- the plain PyTorch loop -----------------------------------------------------------------
+def plain_loop(kind: str, overrides: list[str], epochs: int) -> list[tuple[float, int]]:
+    """The same work as kdbench's run of ``overrides``, hand-written: data as tensors, shuffled
+    with randperm, teacher outputs computed once (as kdbench's in-run cache does), Adam with a
+    per-step cosine schedule, gamma * CE + alpha * KD (+ beta * AT)."""
+    from hydra.utils import instantiate
+
+    from kdbench.models import create_model
+    from kdbench.teacher import resolve_teacher
+
+    cfg = compose([*overrides, f"trainer.max_epochs={epochs}"])
+    dm = instantiate(cfg.dataset, _convert_="all")
+    dm.prepare_data()
+    dm.setup()
+    dm.use_transfer = True
+    ds = dm.distill_set()
+    x_all, y_all = ds.x, ds.y
+    kw = {"num_classes": dm.num_classes, "input_shape": dm.input_shape}
+    student = create_model(cfg.student.arch, **kw, **cfg.student.kwargs)
+    teacher = create_model(cfg.teacher.arch, **kw, **cfg.teacher.kwargs)
+    m = cfg.method
+    gamma, alpha, beta, temp = m.gamma, m.alpha, m.beta, m.temperature
+
+    def stage_hooks(model):
+        feats: list[torch.Tensor] = []
+        for path in model.default_taps["stages"]:
+            model.get_submodule(path).register_forward_hook(lambda _m, _i, o: feats.append(o))
+        return feats
+
+    if kind == "online":
+        peers = [teacher, student]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:  # the cached teacher of kdbench's runs
+            resolve_teacher(cfg, dm, _Wrap(teacher), Path(tmp))
+        teacher.eval()
+        peers = [student]
+        t_feats = stage_hooks(teacher) if kind == "at" else None
+        s_feats = stage_hooks(student) if kind == "at" else None
+        with torch.no_grad():
+            t_logits, t_maps = [], []
+            for i in range(0, len(x_all), dm.eval_batch_size):
+                t_logits.append(teacher(x_all[i : i + dm.eval_batch_size]))
+                if kind == "at":
+                    t_maps.append(list(t_feats))
+                    t_feats.clear()
+            t_logits = torch.cat(t_logits)
+            t_maps = [torch.cat(parts) for parts in zip(*t_maps, strict=True)] if t_maps else []
+    opts = [torch.optim.Adam(p.parameters(), lr=cfg.optim.lr) for p in peers]
+    n, bs = len(x_all), dm.batch_size
+    steps = epochs * ((n + bs - 1) // bs)
+    scheds = [
+        torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+        )
+        for o in opts
+    ]
+    for p in peers:
+        p.train()
+
+    def ce(z, y):
+        lab = y >= 0
+        return F.cross_entropy(z[lab], y[lab]) if bool(lab.any()) else z.sum() * 0.0
+
+    out = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        perm = torch.randperm(n)
+        for i in range(0, n, bs):
+            idx = perm[i : i + bs]
+            x, y = x_all[idx], y_all[idx]
+            if kind == "online":
+                za, zb = teacher(x), student(x)
+                loss = gamma * (ce(za, y) + ce(zb, y)) + alpha * (
+                    kd_loss(za, zb.detach(), temp) + kd_loss(zb, za.detach(), temp)
+                )
+            else:
+                z = student(x)
+                loss = gamma * ce(z, y)
+                if alpha > 0:
+                    loss = loss + alpha * kd_loss(z, t_logits[idx], temp)
+                if kind == "at":
+                    loss = loss + beta * attention_loss(list(s_feats), [t[idx] for t in t_maps])
+                    s_feats.clear()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o, s in zip(opts, scheds, strict=True):
+                o.step()
+                s.step()
+        out.append((time.perf_counter() - start, n))
+    return out
+
+
+class _Wrap:
+    """The attribute resolve_teacher reads (``.model``) around a bare network."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
+# -- subprocess timings ---------------------------------------------------------------------
+def timed(cmd, cwd, env, check=True) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed: {proc.stderr.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+FIRST_STEP = """
+import sys, time
+import lightning as L
+from hydra import compose, initialize_config_dir
+from kdbench.cli import config_dir
+from kdbench.run import run
+class First(L.Callback):
+    def on_train_batch_start(self, *a):
+        print("FIRST_STEP", time.time(), flush=True)
+        sys.exit(0)
+with initialize_config_dir(config_dir(), version_base="1.3"):
+    cfg = compose("config", overrides=["trainer.enable_progress_bar=false"])
+run(cfg, callbacks=[First()])
+"""
+
+
+def first_step_seconds(cwd, env) -> float:
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_STEP], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("FIRST_STEP"):
+            return float(line.split()[1]) - start
+    raise RuntimeError(f"no first step: {proc.stderr[-500:]}")
+
+
+def fmt(xs, unit="s", digits=2):
+    runs = ", ".join(f"{x:.{digits}f}" for x in xs)
+    return f"{statistics.median(xs):.{digits}f} {unit} (runs: {runs})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3, help="kdbench/plain alternations per case")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run (first is warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of the subprocess timings")
+    p.add_argument("--out", default=str(ROOT / "results" / "perf.md"))
+    p.add_argument("--only", choices=["overhead", "cache", "startup", "wall"], nargs="*")
+    p.add_argument("--cases", nargs="*", choices=[k for _, _, k in CASES], help="overhead cases")
+    args = p.parse_args()
+    sections = set(args.only or ["overhead", "cache", "startup", "wall"])
+    lines = [
+        "# kdbench speed: overhead against a plain PyTorch loop, caches, start-up",
+        "",
+        f"Produced by `python scripts/perf.py --rounds {args.rounds} --epochs {args.epochs} "
+        f"--repeats {args.repeats}` on {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, kdbench {commit()}. MNIST-1D, batch 128, "
+        "4000 - 400 labelled + 20000 transfer samples per epoch.",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["KDBENCH_CACHE_DIR"] = str(tmp / "cache")
+        if "overhead" in sections:
+            lines += [
+                "## Overhead: kdbench vs a hand-written loop (same models, data, loss, optimizer)",
+                "",
+                f"Training samples/s over epochs 2..{args.epochs} of each run (validation not "
+                f"counted), median of {args.rounds} alternated rounds.",
+                "",
+                "| case | kdbench samples/s | plain loop samples/s | kdbench / plain |",
+                "|---|---|---|---|",
+            ]
+            for label, overrides, kind in CASES:
+                if args.cases and kind not in args.cases:
+                    continue
+                ours, plain = [], []
+                for r in range(args.rounds):
+                    ov = [*overrides, f"trainer.max_epochs={args.epochs}"]
+                    ours.append(throughput(run_kdbench(ov, tmp / f"{kind}{r}").epochs))
+                    plain.append(throughput(plain_loop(kind, overrides, args.epochs)))
+                    print(
+                        f"{label}: round {r}: kdbench {ours[-1]:.0f}/s, plain {plain[-1]:.0f}/s",
+                        flush=True,
+                    )
+                ratio = [a / b for a, b in zip(ours, plain, strict=True)]
+                lines.append(
+                    f"| {label} | {statistics.median(ours):.0f} | {statistics.median(plain):.0f} "
+                    f"| **{statistics.median(ratio):.2f}x** (rounds: "
+                    f"{', '.join(f'{x:.2f}' for x in ratio)}) |"
+                )
+            lines.append("")
+        if "cache" in sections:
+            lines += [
+                "## Teacher-output cache (offline kd, cnn1d 88k teacher -> mlp 15k student)",
+                "",
+                "| setting | training samples/s | fit start to first epoch |",
+                "|---|---|---|",
+            ]
+            rows = {}
+            for r in range(args.rounds):
+                for name, ov in (
+                    ("off (teacher forward every step)", ["teacher_output_cache.enabled=false"]),
+                    ("on, filled by this run", ["teacher_output_cache.dir=" + str(tmp / f"o{r}")]),
+                    (
+                        "on, read from an earlier run",
+                        ["teacher_output_cache.dir=" + str(tmp / f"o{r}")],
+                    ),
+                ):
+                    t = run_kdbench([*ov, f"trainer.max_epochs={args.epochs}"], tmp / f"c{r}")
+                    rows.setdefault(name, []).append(
+                        (throughput(t.epochs), t.first_epoch - t.fit_start)
+                    )
+            base = statistics.median(x for x, _ in rows["off (teacher forward every step)"])
+            for name, vals in rows.items():
+                thr = statistics.median(x for x, _ in vals)
+                lines.append(
+                    f"| {name} | {thr:.0f} ({thr / base:.2f}x) | {fmt([s for _, s in vals])} |"
+                )
+            lines.append("")
+        env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp / "cache")}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        if "startup" in sections:
+            py = [sys.executable, "-m", "kdbench"]
+            helpt = [timed([*py, "--help"], tmp, env) for _ in range(args.repeats)]
+            errt = [timed([*py, "seed=-1"], tmp, env, check=False) for _ in range(args.repeats)]
+            errm = [
+                timed([*py, "method.temperature=0"], tmp, env, check=False)
+                for _ in range(args.repeats)
+            ]
+            first = [first_step_seconds(tmp, env) for _ in range(args.repeats)]
+            lines += [
+                "## Start-up (fresh processes, teacher cached)",
+                "",
+                "| command | wall time |",
+                "|---|---|",
+                f"| `python -m kdbench --help` | {fmt(helpt)} |",
+                f"| `python -m kdbench seed=-1` (config error, exit 2) | {fmt(errt)} |",
+                "| `python -m kdbench method.temperature=0` (config error, exit 2) | "
+                f"{fmt(errm)} |",
+                f"| launch to the first training step of the default run | {fmt(first)} |",
+                "",
+            ]
+        if "wall" in sections:
+            cmd = [sys.executable, "-m", "kdbench", "trainer.enable_progress_bar=false"]
+            cold, warm = [], []
+            for r in range(args.repeats):
+                wd = tmp / f"wall{r}"
+                wd.mkdir()
+                e = {**env, "KDBENCH_CACHE_DIR": str(wd / "cache")}
+                cold.append(timed(cmd, wd, e))
+                warm.append(timed(cmd, wd, e))
+            lines += [
+                "## Cold vs warm: `python -m kdbench` (kd, cnn1d -> mlp, 15 epochs)",
+                "",
+                "| case | wall time |",
+                "|---|---|",
+                "| cold: new directory, empty cache (data generated, teacher trained, teacher "
+                f"outputs computed, new MLflow store) | {fmt(cold, digits=1)} |",
+                f"| warm: data, teacher and teacher outputs cached | {fmt(warm, digits=1)} |",
+                "",
+            ]
+    text = "\n".join(lines)
+    if args.only is None:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
