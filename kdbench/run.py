@@ -127,6 +127,10 @@ def prepare(cfg: DictConfig) -> Context:
     dm = checked_instantiate(cfg.dataset, _convert_="all")
     method = build_method(cfg.method)
     scheme = scheme_class(cfg)
+    if cfg.get("resume") and not scheme.supports_resume:
+        raise ConfigError(
+            "resume", cfg.resume, f"scheme={cfg.scheme.name} cannot resume yet: rerun it anew"
+        )
     if cfg.teacher.arch == "ensemble" and not scheme.accepts_teacher_ensemble:
         raise ConfigError(
             "teacher",
@@ -142,6 +146,7 @@ def prepare(cfg: DictConfig) -> Context:
     scheme.prepare(ctx)
     dm.use_transfer = method.uses_teacher
     dm.steps_per_call = dm.resolve_steps(cfg.get("steps_per_call", 1))
+    dm.shuffle_seed = cfg.seed
     return ctx
 
 
@@ -172,9 +177,12 @@ def _output_dir() -> Path:
 class Runner:
     """Fits and tests scheme modules of one experiment into one MLflow run."""
 
-    def __init__(self, cfg: DictConfig, dm, root: Path, logger, callbacks=()) -> None:
+    def __init__(
+        self, cfg: DictConfig, dm, root: Path, logger, callbacks=(), resume_from=None
+    ) -> None:
         self.cfg, self.dm, self.root, self.logger = cfg, dm, root, logger
         self.callbacks = list(callbacks)
+        self.resume_from = resume_from  # a checkpoint of the (single) fit to continue
         self.artifacts = root / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
 
@@ -185,6 +193,7 @@ class Runner:
         import torch
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        from kdbench import tracking
         from kdbench.methods import Term
 
         ckpt = ModelCheckpoint(
@@ -192,8 +201,8 @@ class Runner:
             filename="best",
             monitor="val/acc",
             mode="max",
-            save_last=False,
-            save_weights_only=True,
+            save_last=True,  # last.ckpt: the full training state after every epoch (resume)
+            save_weights_only=False,
         )
         trainer = make_trainer(
             self.cfg, self.root, logger=self.logger, callbacks=[ckpt, *self.callbacks]
@@ -203,7 +212,12 @@ class Runner:
         for term in module.modules():
             if isinstance(term, Term):
                 term.bind_data(self.dm)
-        trainer.fit(module, datamodule=self.dm)
+        if self.logger:
+            last = (self.root / "checkpoints" / (name or "run") / "last.ckpt").resolve()
+            tag = tracking.CHECKPOINT_TAG + (f"_{name}" if name else "")
+            self.logger.experiment.set_tag(self.logger.run_id, tag, str(last))
+        resume, self.resume_from = self.resume_from, None  # only the first fit resumes
+        trainer.fit(module, datamodule=self.dm, ckpt_path=resume)
         if self.logger and module.run_tags:
             for key, value in module.run_tags.items():
                 self.logger.experiment.set_tag(self.logger.run_id, f"{prefix}{key}", value)
@@ -253,10 +267,13 @@ def run(
     if ctx.scheme.needs_pretrained_teacher:
         ctx.info["teacher"] = resolve_teacher(cfg, ctx.dm, ctx.teacher, root)
 
-    logger = tracking.make_logger(cfg, ctx.scheme.student_role, tags)
+    digest = tracking.config_hash(cfg)
+    run_id, resume_from = tracking.find_resume(cfg, digest) if cfg.get("resume") else (None, None)
+    tags = {**(tags or {}), tracking.HASH_TAG: digest}
+    logger = tracking.make_logger(cfg, ctx.scheme.student_role, tags, run_id=run_id)
     try:
         tracking.log_config(logger, cfg)
-        runner = Runner(cfg, ctx.dm, root, logger, callbacks)
+        runner = Runner(cfg, ctx.dm, root, logger, callbacks, resume_from=resume_from)
         metrics = ctx.scheme.execute(ctx, runner)
         metrics["student/params"] = count_parameters(ctx.student.model)
         metrics["teacher/params"] = count_parameters(ctx.teacher.model)

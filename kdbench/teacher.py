@@ -23,7 +23,7 @@ from kdbench.errors import ConfigError, KdbenchError
 from kdbench.metrics import ensemble_logits
 from kdbench.taps import Outputs
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: epoch order a function of (seed, epoch)
 RECIPE_KEYS = ("seed", "epochs", "batch_size", "optim")
 
 
@@ -123,6 +123,7 @@ def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root:
     start = time.perf_counter()
     use_transfer, dm.use_transfer = dm.use_transfer, False
     batch_size, dm.batch_size = dm.batch_size, spec.batch_size
+    shuffle_seed, dm.shuffle_seed = dm.shuffle_seed, spec.seed
     try:
         with torch.random.fork_rng():
             L.seed_everything(spec.seed, workers=True, verbose=False)
@@ -142,7 +143,7 @@ def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root:
             trainer.fit(module, datamodule=dm)
             trainer.test(module, datamodule=dm, verbose=False)
     finally:
-        dm.use_transfer, dm.batch_size = use_transfer, batch_size
+        dm.use_transfer, dm.batch_size, dm.shuffle_seed = use_transfer, batch_size, shuffle_seed
     model.eval()
     return {
         "test_acc": module.test_metrics["test/acc"],

@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from kdbench.errors import ConfigError, KdbenchError
 
@@ -47,6 +47,20 @@ class BatchTensorDataset(Dataset):
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
         return self.x[idx], self.y[idx], idx
+
+
+class EpochRandomSampler(RandomSampler):
+    """A shuffle that is a function of (seed, epoch) alone, not of the global RNG's history: a
+    run resumed from a checkpoint sees the same batches as one never interrupted. (Under DDP,
+    Lightning replaces it by a DistributedSampler, which is seeded by epoch too.)"""
+
+    def __init__(self, data_source, seed: int, epoch) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
 
 
 def _identity(batch):
@@ -83,6 +97,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.generation = generation
         self.use_transfer = False  # set by the scheme when distillation terms need it
         self.steps_per_call = 1  # training batches served per loader item (see resolve_steps)
+        self.shuffle_seed = 0  # the run's seed: epoch e's order is a function of (seed, e)
         self.augment = False  # no random augmentation: teacher outputs are fixed per sample
         self._check()
         self._arrays: dict[str, np.ndarray] | None = None
@@ -231,7 +246,11 @@ class ArrayDataModule(L.LightningDataModule):
         return BatchTensorDataset(x, y)
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_identity)
+        sampler = EpochRandomSampler(ds, self.shuffle_seed, self._epoch) if shuffle else None
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=_identity)
+
+    def _epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; ``steps_per_call`` consecutive ones served as one item

@@ -144,6 +144,7 @@ class SchemeModule(EvalMixin, L.LightningModule):
     needs_pretrained_teacher = True
     accepts_teacher_ensemble = True
     student_role = "student"
+    supports_resume = True  # one fit per run, continued from its last.ckpt
 
     def __init__(self, optim_cfg) -> None:
         super().__init__()
@@ -182,7 +183,26 @@ class SchemeModule(EvalMixin, L.LightningModule):
             build_optimizer(g, self.optim_cfg, self.total_steps()) for g in self.param_groups()
         ]
         self._schedules = [(sched, interval) for _, sched, interval in built if sched is not None]
+        states = self._restored.get("schedules")
+        if states:  # resumed: the schedules go on where they stopped
+            for (sched, _), state in zip(self._schedules, states, strict=True):
+                sched.load_state_dict(state)
         return [opt for opt, _, _ in built]
+
+    # -- checkpoints (resume) -------------------------------------------------------------------
+    _restored: dict = {}
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        """The schedules (stepped here, not by Lightning) and the best validation accuracy."""
+        checkpoint["kdbench"] = {
+            "schedules": [sched.state_dict() for sched, _ in getattr(self, "_schedules", [])],
+            "best_val_acc": getattr(self, "best_val_acc", 0.0),
+        }
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        self._restored = checkpoint.get("kdbench", {})
+        if "best_val_acc" in self._restored:
+            self.best_val_acc = self._restored["best_val_acc"]
 
     def micro_batch_size(self) -> int | None:
         """The size of one optimisation step's batch when the data module serves several steps'

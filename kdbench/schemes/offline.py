@@ -90,6 +90,7 @@ class Offline(SchemeModule):
         return out
 
     def on_save_checkpoint(self, checkpoint) -> None:
+        super().on_save_checkpoint(checkpoint)
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith("teacher.")]:
             del sd[key]

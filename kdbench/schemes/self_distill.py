@@ -35,6 +35,7 @@ def predict(model, dm) -> tuple[torch.Tensor, torch.Tensor]:
 class BornAgain(Offline):
     student_role = "teacher"  # generation k has generation 0's architecture
     accepts_teacher_ensemble = False
+    supports_resume = False  # several fits (generations) per run
 
     @classmethod
     def prepare(cls, ctx) -> None:
