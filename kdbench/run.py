@@ -212,18 +212,19 @@ class Runner:
         for term in module.modules():
             if isinstance(term, Term):
                 term.bind_data(self.dm)
+        module.tag_prefix = prefix
         if self.logger:
             last = (self.root / "checkpoints" / (name or "run") / "last.ckpt").resolve()
             tag = tracking.CHECKPOINT_TAG + (f"_{name}" if name else "")
             self.logger.experiment.set_tag(self.logger.run_id, tag, str(last))
         resume, self.resume_from = self.resume_from, None  # only the first fit resumes
         trainer.fit(module, datamodule=self.dm, ckpt_path=resume)
-        if self.logger and module.run_tags:
-            for key, value in module.run_tags.items():
-                self.logger.experiment.set_tag(self.logger.run_id, f"{prefix}{key}", value)
+        # metrics come through trainer.callback_metrics: a spawned/forked DDP fit runs in other
+        # processes, whose module attributes never reach this one
+        best_val = trainer.callback_metrics.get("val/acc_best")
         module.test_tag = "last"
         trainer.test(module, datamodule=self.dm, verbose=False)
-        metrics = dict(module.test_metrics)
+        metrics = test_metrics(trainer, best=False)
         torch.save(student_model.state_dict(), self.artifacts / f"{prefix}student.pt")
         aux = {
             k: v for k, v in module.state_dict().items() if k.startswith(("method.", "methods."))
@@ -234,14 +235,28 @@ class Runner:
             last = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.test_tag = "best"
             trainer.test(module, datamodule=self.dm, ckpt_path=ckpt.best_model_path, verbose=False)
-            metrics.update(module.test_metrics)
+            metrics.update(test_metrics(trainer, best=True))
+            # this run's own checkpoint (holds optimizer and loop state: not weights-only)
+            best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+            module.load_state_dict(best["state_dict"], strict=False)
             torch.save(student_model.state_dict(), self.artifacts / f"{prefix}student_best.pt")
             module.load_state_dict(last)  # the module leaves with its last-epoch weights
             module.test_tag = "last"
         else:  # no validation ran: the last epoch is the only candidate
             metrics["test/acc_best"] = metrics["test/acc"]
-        metrics["val/acc_best"] = module.best_val_acc
+        if best_val is None:  # no validation in this fit (e.g. resumed after its last epoch)
+            best_val = getattr(module, "best_val_acc", 0.0)
+        metrics["val/acc_best"] = float(best_val)
         return metrics
+
+
+def test_metrics(trainer, best: bool) -> dict[str, float]:
+    """The metrics of the last ``trainer.test`` (``..._best`` keys for the best-epoch test)."""
+    return {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith(("test/", "teacher/test/")) and k.endswith("_best") == best
+    }
 
 
 def run(

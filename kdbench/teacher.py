@@ -141,13 +141,14 @@ def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root:
                 enable_checkpointing=False,
             )
             trainer.fit(module, datamodule=dm)
+            val = trainer.callback_metrics.get("val/acc_best")
             trainer.test(module, datamodule=dm, verbose=False)
     finally:
         dm.use_transfer, dm.batch_size, dm.shuffle_seed = use_transfer, batch_size, shuffle_seed
     model.eval()
     return {
-        "test_acc": module.test_metrics["test/acc"],
-        "val_acc": module.best_val_acc,
+        "test_acc": float(trainer.callback_metrics["test/acc"]),
+        "val_acc": float(val) if val is not None else 0.0,
         "train_seconds": time.perf_counter() - start,
     }
 

@@ -94,6 +94,7 @@ class EvalMixin:
         acc = accuracy(logits["student"], y)
         self.best_val_acc = max(getattr(self, "best_val_acc", 0.0), acc)
         self.log("val/acc", acc, prog_bar=True, sync_dist=False)
+        self.log("val/acc_best", self.best_val_acc)  # via callback_metrics to a spawning parent
         for name, z in logits.items():
             if self.named_outputs or name not in ("student", "teacher"):
                 self.log(f"val/{name}/acc", accuracy(z, y))
@@ -151,6 +152,7 @@ class SchemeModule(EvalMixin, L.LightningModule):
         self.optim_cfg = optim_cfg
         self.automatic_optimization = False
         self.run_tags: dict[str, str] = {}  # set during a fit, recorded as MLflow tags
+        self.tag_prefix = ""  # e.g. "gen2_" for one of several fits in one run
 
     # -- pipeline hooks -----------------------------------------------------------------------
     @classmethod
@@ -188,6 +190,14 @@ class SchemeModule(EvalMixin, L.LightningModule):
             for (sched, _), state in zip(self._schedules, states, strict=True):
                 sched.load_state_dict(state)
         return [opt for opt, _, _ in built]
+
+    def record_tag(self, key: str, value: str) -> None:
+        """An MLflow tag of the run, written by rank 0 where the fit runs (a spawned or forked
+        DDP worker included)."""
+        self.run_tags[key] = value
+        logger = self.logger
+        if self.global_rank == 0 and logger is not None and hasattr(logger, "run_id"):
+            logger.experiment.set_tag(logger.run_id, f"{self.tag_prefix}{key}", value)
 
     # -- checkpoints (resume) -------------------------------------------------------------------
     _restored: dict = {}

@@ -56,14 +56,15 @@ class Offline(SchemeModule):
         if self.teacher is None or not self.method.uses_teacher or dm is None:
             return
         if not self.cache_teacher_outputs:
-            self.run_tags["teacher_outputs"] = "off"
+            self.record_tag("teacher_outputs", "off")
             return
         if getattr(dm, "augment", True):
-            self.run_tags["teacher_outputs"] = "off (augmentation)"
+            self.record_tag("teacher_outputs", "off (augmentation)")
             return
-        self._teacher_cache, self.run_tags["teacher_outputs"] = output_cache.resolve(
+        self._teacher_cache, source = output_cache.resolve(
             self.teacher, dm, self.method.taps, self.device, self.cache_limit_mb, self.cache_dir
         )
+        self.record_tag("teacher_outputs", source)
 
     def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> Outputs:
         cache = self._teacher_cache
