@@ -44,11 +44,18 @@ def member_specs(cfg: DictConfig) -> list[DictConfig]:
     return specs
 
 
+def _plain(node) -> dict:
+    """A config node (possibly empty or None) as a plain dict."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node or {})
+
+
 def teacher_key(spec: DictConfig, dm, precision: str) -> str:
     what = {
         "version": CACHE_VERSION,
         "arch": spec.arch,
-        "kwargs": OmegaConf.to_container(spec.get("kwargs") or {}, resolve=True),
+        "kwargs": _plain(spec.get("kwargs")),
         "data": dm.cache_key(),
         "batch_size": spec.batch_size,
         "epochs": spec.epochs,

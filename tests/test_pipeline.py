@@ -200,3 +200,35 @@ def test_steps_per_call_trains_exactly_as_one_step_per_batch(scheme):
     assert one.global_step == four.global_step > 0
     assert four.served == -(-one.served // 4)
     assert one.lr == four.lr and max(one.lr) < 1e-6
+
+
+class _InitialLr(L.Callback):
+    def on_train_start(self, trainer, module):
+        self.lr = trainer.optimizers[0].param_groups[0]["initial_lr"]
+
+
+@pytest.mark.parametrize("ref, factor", [(None, 1.0), (32, 2.0), (128, 0.5)])
+def test_lr_reference_batch_scales_the_learning_rate_with_the_total_batch(ref, factor):
+    cb = _InitialLr()
+    ov = [] if ref is None else [f"optim.lr_reference_batch={ref}"]
+    cfg = compose("method=kd", "mlflow.experiment=lrscale", "dataset.batch_size=64", *ov)
+    run(cfg, callbacks=[cb])
+    assert cb.lr == pytest.approx(cfg.optim.lr * factor)
+
+
+def test_bf16_mixed_precision_runs_and_the_loss_terms_stay_float32():
+    from kdbench.losses import attention_loss, dkd_loss, kd_loss, rkd_loss
+
+    m = run(compose("method=kd", "trainer.precision=bf16-mixed", "mlflow.experiment=bf16"))
+    assert 0.1 < m["test/acc"] <= 1.0
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zs, zt = lin(torch.randn(16, 8)), lin(torch.randn(16, 8))
+        assert zs.dtype == torch.bfloat16
+        y = torch.randint(0, 10, (16,))
+        fs, ft = torch.randn(16, 4, 5, dtype=torch.bfloat16), torch.randn(16, 4, 5).bfloat16()
+        assert kd_loss(zs, zt, 4.0).dtype == torch.float32
+        assert dkd_loss(zs, zt, y, 1.0, 8.0, 4.0).dtype == torch.float32
+        assert attention_loss([fs], [ft]).dtype == torch.float32
+        assert rkd_loss(zs, zt).dtype == torch.float32

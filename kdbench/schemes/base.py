@@ -180,10 +180,24 @@ class SchemeModule(EvalMixin, L.LightningModule):
         """One list of parameters per optimizer."""
         return [self.trainable_parameters()]
 
+    def scaled_optim_cfg(self):
+        """``optim`` with ``lr`` scaled linearly by the total batch (per-device batch x devices)
+        over ``optim.lr_reference_batch`` when that is set (Goyal et al. 2017): without it,
+        more devices mean a larger total batch at the same lr (~1 point lost on CIFAR-100)."""
+        from omegaconf import OmegaConf
+
+        ref = self.optim_cfg.get("lr_reference_batch")
+        dm = self.trainer.datamodule
+        if not ref or dm is None:
+            return self.optim_cfg
+        factor = dm.batch_size * self.trainer.world_size / float(ref)
+        cfg = OmegaConf.create(OmegaConf.to_container(self.optim_cfg, resolve=True))
+        cfg.lr = float(cfg.lr) * factor
+        return cfg
+
     def configure_optimizers(self):
-        built = [
-            build_optimizer(g, self.optim_cfg, self.total_steps()) for g in self.param_groups()
-        ]
+        cfg, total = self.scaled_optim_cfg(), self.total_steps()
+        built = [build_optimizer(g, cfg, total) for g in self.param_groups()]
         self._schedules = [(sched, interval) for _, sched, interval in built if sched is not None]
         states = self._restored.get("schedules")
         if states:  # resumed: the schedules go on where they stopped
