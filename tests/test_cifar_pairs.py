@@ -1,0 +1,46 @@
+"""Every method on every published CIFAR-100 pair: the configs name the taps each method needs,
+and the method's modules build against both networks (checked on a dummy batch, no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+
+from kdbench.data.cifar import write_fake_cifar
+from kdbench.run import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("cifar100_*.yaml"))
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar-pairs")
+    write_fake_cifar(root, num_classes=100, n_train=8, n_test=8)
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forward passes: threads only add synchronisation
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_every_method_attaches_to_the_pair(pair, cifar_root):
+    assert len(PAIRS) == 9 and len(METHODS) >= 15
+    for method in METHODS:
+        cfg = compose(
+            f"experiment={pair}", f"method={method}", f"dataset.root={cifar_root}", tiny=False
+        )
+        ctx = prepare(cfg)  # raises on a missing tap or a shape the method cannot bridge
+        assert ctx.method.name == method
+        if ctx.method.term is not None and ctx.method.beta > 0:
+            for tap in ctx.method.taps:  # the pair provides what the method reads
+                assert ctx.student.taps.get(tap) and ctx.teacher.taps.get(tap), (pair, method, tap)
