@@ -99,7 +99,8 @@ def load(path: Path, device, n: int) -> Outputs | None:
     if not path.exists():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # read into memory (not mmap: indexing a memory-mapped tensor every step is slower)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
         out = Outputs(obj["logits"], obj["features"])
         if len(out.logits) != n:
             raise ValueError(f"{len(out.logits)} samples, expected {n}")

@@ -293,15 +293,19 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per run (first is warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the subprocess timings")
     p.add_argument("--out", default=str(ROOT / "results" / "perf.md"))
+    p.add_argument("--threads", type=int, help="torch threads in this process (default: torch's)")
+    p.add_argument("--append", action="store_true", help="with --only: append to --out")
     p.add_argument("--only", choices=["overhead", "cache", "startup", "wall", "cifar"], nargs="*")
     p.add_argument("--cases", nargs="*", choices=[k for _, _, k in CASES], help="overhead cases")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sections = set(args.only or ["overhead", "cache", "startup", "wall", "cifar"])
     lines = [
-        "# kdbench speed: overhead against a plain PyTorch loop, caches, start-up",
+        "---" if args.append else "# kdbench speed: overhead against a plain PyTorch loop, caches",
         "",
-        f"Produced by `python scripts/perf.py --rounds {args.rounds} --epochs {args.epochs} "
-        f"--repeats {args.repeats}` on {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"Produced by `python {' '.join(sys.argv)}` on {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}, kdbench {commit()}. MNIST-1D, batch 128, "
         "4000 - 400 labelled + 20000 transfer samples per epoch.",
@@ -414,6 +418,9 @@ def main() -> None:
     text = "\n".join(lines)
     if args.only is None:
         Path(args.out).write_text(text)
+    elif args.append:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
     print(text)
 
 
