@@ -18,7 +18,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.models import register_model
-from kdbench.models._image import global_pool, image_channels
+from kdbench.models._image import global_pool, image_channels, init_weights
 
 # expansion ratio (None: the model's), output channels, blocks, stride of the first block
 SETTINGS = [
@@ -87,16 +87,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = nn.Sequential(*_conv_bn_relu(c_in, last, 1, 1))
         self.pool = global_pool()
         self.classifier = nn.Linear(last, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x):
         return self.classifier(self.pool(self.conv2(self.blocks(self.conv1(x)))))

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.models import register_model
-from kdbench.models._image import global_pool, image_channels
+from kdbench.models._image import global_pool, image_channels, init_weights
 
 
 def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
@@ -122,12 +122,7 @@ class ResNet(nn.Module):
             "hint": "layer2",
             "embedding": "pool",
         }
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models import register_model
-from kdbench.models._image import global_pool, image_channels
+from kdbench.models._image import global_pool, image_channels, init_weights
 
 CONFIGS = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -50,16 +50,7 @@ class VGG(nn.Module):
             in_channels = widths[-1]
         self.pool = global_pool()
         self.classifier = nn.Linear(in_channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x):
         height = x.shape[-2]

@@ -14,7 +14,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.models import register_model
-from kdbench.models._image import global_pool, image_channels
+from kdbench.models._image import global_pool, image_channels, init_weights
 
 
 class WideBasic(nn.Module):
@@ -79,14 +79,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU()
         self.pool = global_pool()
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_linear_bias=True)
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
