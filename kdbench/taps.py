@@ -29,6 +29,16 @@ class Outputs:
     logits: torch.Tensor
     features: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)
 
+    def map(self, fn) -> Outputs:
+        """The same outputs with ``fn`` applied to every tensor (detach, index, move...)."""
+        return Outputs(
+            fn(self.logits),
+            {
+                k: [fn(t) for t in v] if isinstance(v, list) else fn(v)
+                for k, v in self.features.items()
+            },
+        )
+
     def __getitem__(self, tap: str):
         return self.logits if tap == "logits" else self.features[tap]
 

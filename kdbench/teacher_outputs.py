@@ -46,7 +46,7 @@ def cache_key(teacher, dm, taps: frozenset[str], device: torch.device) -> str:
         "data": dm.cache_key(),
         "data_class": f"{type(dm).__module__}.{type(dm).__qualname__}",
         "transfer": bool(dm.use_transfer),
-        "taps": {k: v for k, v in tap_paths.items()},
+        "taps": tap_paths,
         "device": device.type,
     }
     digest = json.dumps(what, sort_keys=True, default=str).encode()
@@ -67,13 +67,7 @@ def _cat(parts: list):
 
 def index(out: Outputs, idx: torch.Tensor) -> Outputs:
     """The cached outputs of the samples ``idx``."""
-    return Outputs(
-        out.logits[idx],
-        {
-            k: [t[idx] for t in v] if isinstance(v, list) else v[idx]
-            for k, v in out.features.items()
-        },
-    )
+    return out.map(lambda t: t[idx])
 
 
 @torch.no_grad()
@@ -107,15 +101,7 @@ def load(path: Path, device, n: int) -> Outputs | None:
     except Exception as exc:  # noqa: BLE001 - any unreadable entry is recomputed over
         print(f"kdbench: recomputing an unusable teacher-output cache entry {path} ({exc})")
         return None
-    if device.type != "cpu":
-        out = Outputs(
-            out.logits.to(device),
-            {
-                k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
-                for k, v in out.features.items()
-            },
-        )
-    return out
+    return out.map(lambda t: t.to(device)) if device.type != "cpu" else out
 
 
 def save(path: Path, out: Outputs) -> None:
@@ -126,14 +112,8 @@ def save(path: Path, out: Outputs) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         try:
-            cpu = {
-                "logits": out.logits.cpu(),
-                "features": {
-                    k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
-                    for k, v in out.features.items()
-                },
-            }
-            torch.save(cpu, tmp)
+            cpu = out.map(torch.Tensor.cpu)
+            torch.save({"logits": cpu.logits, "features": cpu.features}, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -117,6 +117,7 @@ def plain_loop(kind: str, overrides: list[str], epochs: int) -> list[tuple[float
     from hydra.utils import instantiate
 
     from kdbench.models import create_model
+    from kdbench.taps import TappedModel
     from kdbench.teacher import resolve_teacher
 
     cfg = compose([*overrides, f"trainer.max_epochs={epochs}"])
@@ -142,7 +143,7 @@ def plain_loop(kind: str, overrides: list[str], epochs: int) -> list[tuple[float
         peers = [teacher, student]
     else:
         with tempfile.TemporaryDirectory() as tmp:  # the cached teacher of kdbench's runs
-            resolve_teacher(cfg, dm, _Wrap(teacher), Path(tmp))
+            resolve_teacher(cfg, dm, TappedModel(teacher, {}), Path(tmp))
         teacher.eval()
         peers = [student]
         t_feats = stage_hooks(teacher) if kind == "at" else None
@@ -200,13 +201,6 @@ def plain_loop(kind: str, overrides: list[str], epochs: int) -> list[tuple[float
                 s.step()
         out.append((time.perf_counter() - start, n))
     return out
-
-
-class _Wrap:
-    """The attribute resolve_teacher reads (``.model``) around a bare network."""
-
-    def __init__(self, model) -> None:
-        self.model = model
 
 
 # -- subprocess timings ---------------------------------------------------------------------

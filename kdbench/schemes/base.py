@@ -9,12 +9,14 @@ import torch
 
 from kdbench.errors import ConfigError, NonFiniteLossError
 from kdbench.metrics import accuracy, agreement, expected_calibration_error
+from kdbench.validate import OPTIMIZERS, SCHEDULERS
 
 
 def build_optimizer(params, cfg, total_steps: int):
     """Optimizer and LR schedule from the ``optim`` config group: ``(optimizer, scheduler or None,
-    interval)`` where interval is "step" or "epoch" (when the scheduler steps)."""
-    name = cfg.name.lower()
+    interval)`` where interval is "step" or "epoch" (when the scheduler steps). Names are
+    checked, case-insensitively, by :func:`kdbench.validate.check_optim` before any work."""
+    name = str(cfg.name).lower()
     if name == "adam":
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     elif name == "adamw":
@@ -28,8 +30,8 @@ def build_optimizer(params, cfg, total_steps: int):
             nesterov=cfg.get("nesterov", False),
         )
     else:
-        raise ConfigError("optim.name", cfg.name, "must be one of adam, adamw, sgd")
-    scheduler = cfg.get("scheduler", "none")
+        raise ConfigError("optim.name", cfg.name, f"must be one of {', '.join(OPTIMIZERS)}")
+    scheduler = str(cfg.get("scheduler", "none")).lower()
     if scheduler == "cosine":
         total = max(total_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -41,9 +43,9 @@ def build_optimizer(params, cfg, total_steps: int):
             opt, list(cfg.milestones), cfg.get("lr_decay", 0.1)
         )
         return opt, sched, "epoch"
-    if scheduler in (None, "none"):
+    if scheduler == "none":
         return opt, None, "step"
-    raise ConfigError("optim.scheduler", scheduler, "must be one of cosine, multistep, none")
+    raise ConfigError("optim.scheduler", scheduler, f"must be one of {', '.join(SCHEDULERS)}")
 
 
 def check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -151,7 +153,6 @@ class SchemeModule(EvalMixin, L.LightningModule):
         super().__init__()
         self.optim_cfg = optim_cfg
         self.automatic_optimization = False
-        self.run_tags: dict[str, str] = {}  # set during a fit, recorded as MLflow tags
         self.tag_prefix = ""  # e.g. "gen2_" for one of several fits in one run
 
     # -- pipeline hooks -----------------------------------------------------------------------
@@ -208,7 +209,6 @@ class SchemeModule(EvalMixin, L.LightningModule):
     def record_tag(self, key: str, value: str) -> None:
         """An MLflow tag of the run, written by rank 0 where the fit runs (a spawned or forked
         DDP worker included)."""
-        self.run_tags[key] = value
         logger = self.logger
         if self.global_rank == 0 and logger is not None and hasattr(logger, "run_id"):
             logger.experiment.set_tag(logger.run_id, f"{self.tag_prefix}{key}", value)

@@ -16,15 +16,7 @@ from torch import nn
 from kdbench.methods import Method
 from kdbench.metrics import ensemble_logits
 from kdbench.schemes.base import SchemeModule
-from kdbench.taps import Outputs, TappedModel
-
-
-def _detach(out: Outputs) -> Outputs:
-    feats = {
-        k: [t.detach() for t in v] if isinstance(v, list) else v.detach()
-        for k, v in out.features.items()
-    }
-    return Outputs(out.logits.detach(), feats)
+from kdbench.taps import TappedModel
 
 
 def _key(i: str, j: str) -> str:
@@ -87,7 +79,7 @@ class Online(SchemeModule):
     def losses(self, batch):
         x, y, idx = batch
         outs = {name: peer(x, self.taps) for name, peer in self.peers.items()}
-        targets = {name: _detach(o) for name, o in outs.items()}
+        targets = {name: o.map(torch.Tensor.detach) for name, o in outs.items()}
         terms: dict[str, torch.Tensor] = {}
         others = len(self.peers) - 1
         for i, s in outs.items():
