@@ -66,8 +66,9 @@ def _cat(parts: list):
 
 
 def index(out: Outputs, idx: torch.Tensor) -> Outputs:
-    """The cached outputs of the samples ``idx``."""
-    return out.map(lambda t: t[idx])
+    """The cached outputs of the samples ``idx`` (``index_select``: on the CPU several times
+    faster than ``t[idx]`` for a gather of rows)."""
+    return out.map(lambda t: t.index_select(0, idx))
 
 
 @torch.no_grad()

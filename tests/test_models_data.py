@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,76 @@ def test_masked_cross_entropy_uses_only_labelled_samples():
     assert torch.allclose(masked_cross_entropy(logits, y), expected)
     none = masked_cross_entropy(logits, torch.full((6,), UNLABELLED))
     assert none.item() == 0.0 and none.requires_grad
+    none.backward()
+    assert (logits.grad == 0).all()  # a batch without labels gives the CE term no gradient
+
+
+def test_masked_cross_entropy_by_hand():
+    # logits (0, ln 3) with label 1: p = 3/4, CE = ln 4/3; (ln 3, 0) with label 1: p = 1/4,
+    # CE = ln 4; the unlabelled row is ignored: mean = (ln 4/3 + ln 4) / 2
+    logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 0.0], [5.0, -5.0]])
+    y = torch.tensor([1, 1, UNLABELLED])
+    expected = (math.log(4 / 3) + math.log(4)) / 2
+    assert masked_cross_entropy(logits, y).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _served(dm, epoch):
+    dm.trainer = None
+    dm._epoch = lambda: epoch
+    return [idx for _, _, idx in dm.train_dataloader()]
+
+
+def test_training_batches_are_slices_of_the_epochs_permutation(tmp_path):
+    dm = MNIST1D(
+        name="mnist1d", data_dir=str(tmp_path), num_samples=600, val_size=100, transfer_size=50
+    )
+    dm.prepare_data()
+    dm.setup()
+    dm.use_transfer, dm.batch_size, dm.steps_per_call, dm.shuffle_seed = True, 64, 2, 7
+    ds = dm.distill_set()
+    first, again, second = _served(dm, 0), _served(dm, 0), _served(dm, 1)
+    order = torch.cat(first)
+    # every sample once per epoch, batches of 64 x 2 steps (the last one short)
+    assert sorted(order.tolist()) == list(range(len(ds)))
+    assert [len(b) for b in first] == [128] * (len(ds) // 128) + [len(ds) % 128]
+    # a function of (seed, epoch): the same again, another one next epoch
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(order, torch.cat(second))
+    x, y, idx = next(iter(dm.train_dataloader()))
+    assert torch.equal(x, ds.x[idx]) and torch.equal(y, ds.y[idx])
+
+
+def test_other_samplers_are_batched_as_batch_sampler_does():
+    from torch.utils.data import SubsetRandomSampler
+
+    from kdbench.data.base import SliceBatchSampler
+
+    sampler = SubsetRandomSampler([5, 3, 8, 1, 9], generator=torch.Generator().manual_seed(0))
+    batches = list(SliceBatchSampler(sampler, 2, drop_last=False))
+    assert sorted(i for b in batches for i in b) == [1, 3, 5, 8, 9]
+    assert [len(b) for b in batches] == [2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,batch,steps",
+    [
+        ((1, 40), torch.float32, 128, 32),
+        ((3, 32, 32), torch.uint8, 64, 32),
+        ((3, 32, 32), torch.float32, 1024, 2),
+        ((3, 224, 224), torch.uint8, 256, 1),
+    ],
+)
+def test_auto_steps_per_call_fills_32_mb_with_at_most_32_steps(shape, dtype, batch, steps):
+    class Stored(MNIST1D):
+        storage_dtype = dtype
+        stored_shape = shape
+
+    dm = Stored.__new__(Stored)
+    dm.batch_size = batch
+    assert dm.resolve_steps("auto") == steps
+    assert dm.resolve_steps(3) == 3
+    with pytest.raises(ConfigError, match="steps_per_call"):
+        dm.resolve_steps(0)
 
 
 def test_batch_dataset_serves_slices_with_indices():
