@@ -23,7 +23,7 @@ from kdbench.errors import ConfigError, KdbenchError
 from kdbench.metrics import ensemble_logits
 from kdbench.taps import Outputs
 
-CACHE_VERSION = 2  # 2: epoch order a function of (seed, epoch)
+CACHE_VERSION = 3  # 2: epoch order a function of (seed, epoch); 3: fused optimizer kernels
 RECIPE_KEYS = ("seed", "epochs", "batch_size", "optim")
 
 

@@ -51,6 +51,9 @@ def check_optim(o: DictConfig, key: str) -> None:
     scheduler = o.get("scheduler", "none")
     if str(scheduler).lower() not in SCHEDULERS:
         raise ConfigError(f"{key}.scheduler", scheduler, f"must be one of {', '.join(SCHEDULERS)}")
+    fused = o.get("fused", "auto")
+    if fused != "auto" and not isinstance(fused, bool):
+        raise ConfigError(f"{key}.fused", fused, "must be auto, true or false")
 
 
 def _positive_int(key: str, value) -> None:

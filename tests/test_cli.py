@@ -158,6 +158,7 @@ def test_unwritable_data_directory_is_a_clear_error(cwd):
         ("method.temperature=0", "method.temperature"),
         ("optim.name=rmsprop", "optim.name"),
         ("teacher.optim.scheduler=linear", "teacher.optim.scheduler"),
+        ("optim.fused=maybe", "optim.fused"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
     ],
 )

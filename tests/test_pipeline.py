@@ -232,3 +232,41 @@ def test_bf16_mixed_precision_runs_and_the_loss_terms_stay_float32():
         assert dkd_loss(zs, zt, y, 1.0, 8.0, 4.0).dtype == torch.float32
         assert attention_loss([fs], [ft]).dtype == torch.float32
         assert rkd_loss(zs, zt).dtype == torch.float32
+
+
+def test_optimizers_use_the_fused_kernel_where_torch_has_one():
+    from omegaconf import OmegaConf
+
+    from kdbench.schemes.base import build_optimizer, use_fused
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for name in ("adam", "adamw", "sgd"):
+        cfg = OmegaConf.create({"name": name, "lr": 0.1, "weight_decay": 0.0, "fused": "auto"})
+        opt, _, _ = build_optimizer(params, cfg, total_steps=10)
+        assert opt.defaults["fused"] is True
+        cfg.fused = False
+        opt, _, _ = build_optimizer(params, cfg, total_steps=10)
+        assert not opt.defaults["fused"]
+    assert not use_fused([torch.nn.Parameter(torch.zeros(3, device="meta"))], "auto")
+    assert not use_fused([torch.zeros(3, dtype=torch.long)], "auto")
+
+
+def test_the_nan_check_names_the_first_bad_term_and_step_of_a_served_batch():
+    from types import SimpleNamespace
+
+    from kdbench.errors import NonFiniteLossError
+    from kdbench.schemes.base import SchemeModule
+
+    def step(ce, kd):
+        ce, kd = torch.tensor(ce), torch.tensor(kd)
+        return (128, ("ce", "kd", "loss"), [ce, kd, ce + kd])
+
+    nan = float("nan")
+    module = SimpleNamespace(current_epoch=3, _parts=[step(1.0, 2.0)] * 5)
+    SchemeModule.check_finite(module, 0)  # all finite: nothing raised
+    module._parts += [step(1.0, 2.0), step(1.0, nan), step(nan, nan)]
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'kd' became nan at epoch 3, step 6"):
+        SchemeModule.check_finite(module, 5)  # the steps since 5: the first bad one is 6
+    module._parts[6] = step(float("inf"), float("-inf"))  # inf + -inf: the total is nan
+    with pytest.raises(NonFiniteLossError, match=r"'ce' became inf at epoch 3, step 6"):
+        SchemeModule.check_finite(module, 5)
