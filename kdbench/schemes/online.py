@@ -90,7 +90,9 @@ class Online(SchemeModule):
                     continue
                 m = self.methods[_key(i, j)]
                 for k, v in m.distill_terms(s, targets[j], y, self.current_epoch, idx).items():
-                    terms[f"{i}/{k}"] = terms.get(f"{i}/{k}", 0.0) + v / others
+                    v = v / others if others > 1 else v  # no kernels for a mean over one peer
+                    key = f"{i}/{k}"
+                    terms[key] = terms[key] + v if key in terms else v
         return terms
 
     def evaluate(self, x):
