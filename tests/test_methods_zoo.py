@@ -102,3 +102,29 @@ def test_crd_memory_banks_cover_the_training_set_and_update():
     assert torch.isfinite(terms["crd"])
     changed = (term.crd.memory_s != before).any(1).nonzero().flatten().tolist()
     assert changed == [3, 5, 7, 11]  # only the anchors' memory entries move
+
+
+@pytest.mark.parametrize(
+    "method", ["hard", "reverse_kd", "fitnet", "at", "rkd", "pkt", "sp", "nst"]
+)
+def test_config_losses_are_called_directly_with_the_same_value(method):
+    import functools
+
+    from hydra.utils import instantiate
+
+    from kdbench.methods import direct_loss
+
+    cfg = compose(f"method={method}").method
+    term = prepare(compose(f"method={method}", "student=cnn1d_small")).method.term
+    # a plain partial of kdbench's own function, not Hydra's per-call authorising wrapper
+    assert type(term.loss) is functools.partial
+    assert term.loss.func.__module__ == "kdbench.losses"
+    hydra_loss = instantiate(cfg.term.loss)
+    assert type(hydra_loss) is not functools.partial  # what direct_loss saves a call of
+    s, t = torch.randn(8, 4, 10), torch.randn(8, 4, 10)
+    if method in ("hard", "reverse_kd"):
+        s, t = s.flatten(1), t.flatten(1)
+    args = ([s], [t]) if method == "at" else (s, t)
+    assert torch.equal(term.loss(*args), hydra_loss(*args))
+    other = instantiate({"_target_": "math.dist", "_partial_": True})
+    assert direct_loss(other) is other  # targets outside kdbench keep Hydra's checks
