@@ -34,7 +34,8 @@ def direct_loss(loss: Callable) -> Callable:
     """A loss from the method config, callable without per-call overhead.
 
     A ``_partial_: true`` target comes out of Hydra (1.3.8) as a partial that re-authorises its
-    target on every call, about 0.2 ms each, paid once or more per training step. A partial of
+    target on every call (see the pieces table of results/perf.md), paid once or more per
+    training step. A partial of
     one of kdbench's own functions (``kdbench.losses``: trusted code, authorised when the config
     was instantiated) becomes a plain ``functools.partial``; any other callable keeps Hydra's
     checks."""

@@ -2,11 +2,14 @@
 
 Writes results/perf.md. Sections:
 
+0. Pieces: the per-step operations kdbench does differently from an idiomatic loop (fused
+   optimizer, index_select gathers, plain-function losses), each timed alone.
 1. Overhead: training throughput (samples/s over whole training epochs, validation excluded)
    of kdbench and of a minimal plain PyTorch loop doing the same forward/backward/optimizer
    work on the same models and data, alternated in this process (``--rounds`` times), for
    offline kd (cnn1d -> mlp), offline at (cnn1d -> cnn1d_small) and online kd (DML, both
-   peers trained). The first epoch of each run is warm-up and not counted.
+   peers trained). The first epoch of each run is warm-up and not counted. Two plain loops:
+   idiomatic PyTorch, and the same tuned as kdbench is (ratio = orchestration overhead).
 2. Teacher-output cache: epoch throughput of offline kd with the cache on vs off (teacher
    forward every step), and the fit start-up of a run that fills the cross-run cache vs one
    that reads it.
@@ -301,6 +304,78 @@ def cifar_section(tmp: Path, batches: int = 12) -> list[str]:
     ]
 
 
+def best_us(fn, number: int = 300, repeat: int = 7) -> float:
+    """Microseconds per call: the best of ``repeat`` timings of ``number`` calls."""
+    import timeit
+
+    fn()
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def pieces_section() -> list[str]:
+    """The per-step pieces kdbench does differently from an idiomatic loop, each timed alone."""
+    import functools
+
+    from hydra.utils import instantiate
+
+    from kdbench.losses import attention_loss
+    from kdbench.models import create_model
+
+    rows = []
+    for arch, kw, classes, shape in (
+        ("mlp", {"hidden": [100, 100]}, 10, (1, 40)),
+        ("cnn1d", {"channels": [64, 64, 128, 128]}, 10, (1, 40)),
+        ("resnet8x4", {}, 100, (3, 32, 32)),
+    ):
+        model = create_model(arch, num_classes=classes, input_shape=shape, **kw)
+        n = sum(p.numel() for p in model.parameters())
+        for name, make in (
+            ("Adam", lambda ps, f: torch.optim.Adam(ps, lr=1e-3, fused=f)),
+            (
+                "SGD momentum",
+                lambda ps, f: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4, fused=f),
+            ),
+        ):
+            times = []
+            for fused in (None, True):
+                params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                times.append(best_us(make(params, fused).step))
+            rows.append(
+                f"| {name} step, {arch} ({n / 1000:.1f}k parameters): torch default vs fused "
+                f"(`optim.fused: auto`) | {times[0]:.0f} us | {times[1]:.0f} us | "
+                f"{times[0] / times[1]:.1f}x |"
+            )
+    x = torch.randn(23600, 1, 40)
+    for size in (128, 4096):
+        idx = torch.randperm(len(x))[:size]
+        a, b = best_us(lambda idx=idx: x[idx]), best_us(lambda idx=idx: x.index_select(0, idx))
+        rows.append(
+            f"| gather {size} of 23600 MNIST-1D rows: `x[idx]` vs `x.index_select(0, idx)` "
+            f"| {a:.0f} us | {b:.0f} us | {a / b:.1f}x |"
+        )
+    hydra = instantiate({"_target_": "kdbench.losses.attention_loss", "_partial_": True})
+    plain = functools.partial(attention_loss)
+    s = [torch.randn(128, 16, 20), torch.randn(128, 32, 10)]
+    t = [torch.randn(128, 64, 20), torch.randn(128, 128, 10)]
+    a, b = best_us(lambda: hydra(s, t)), best_us(lambda: plain(s, t))
+    rows.append(
+        f"| attention loss (2 stages, batch 128): Hydra `_partial_` vs plain partial "
+        f"| {a:.0f} us | {b:.0f} us | {a / b:.1f}x |"
+    )
+    return [
+        "## Pieces: what a step does differently from an idiomatic loop (timed alone)",
+        "",
+        "Best of 7 timings (`timeit`).",
+        "",
+        "| piece | idiomatic | kdbench | speed-up |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3, help="kdbench/plain alternations per case")
@@ -309,12 +384,14 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "results" / "perf.md"))
     p.add_argument("--threads", type=int, help="torch threads in this process (default: torch's)")
     p.add_argument("--append", action="store_true", help="with --only: append to --out")
-    p.add_argument("--only", choices=["overhead", "cache", "startup", "wall", "cifar"], nargs="*")
+    p.add_argument(
+        "--only", choices=["pieces", "overhead", "cache", "startup", "wall", "cifar"], nargs="*"
+    )
     p.add_argument("--cases", nargs="*", choices=[k for _, _, k in CASES], help="overhead cases")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = set(args.only or ["overhead", "cache", "startup", "wall", "cifar"])
+    sections = set(args.only or ["pieces", "overhead", "cache", "startup", "wall", "cifar"])
     lines = [
         "---" if args.append else "# kdbench speed: overhead against a plain PyTorch loop, caches",
         "",
@@ -328,6 +405,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["KDBENCH_CACHE_DIR"] = str(tmp / "cache")
+        if "pieces" in sections:
+            lines += pieces_section()
         if "overhead" in sections:
             lines += [
                 "## Overhead: kdbench vs a hand-written loop (same models, data, loss, optimizer)",

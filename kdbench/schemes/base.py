@@ -14,8 +14,8 @@ from kdbench.validate import OPTIMIZERS, SCHEDULERS
 
 def use_fused(params, setting) -> bool:
     """Whether the optimizer runs as torch's fused kernel (one kernel per parameter instead of
-    about ten per parameter; on the CPU an Adam step of a 15k-parameter MLP takes 60 us fused
-    against 190 us, see results/perf.md). ``auto``: where torch has it, floating-point
+    about ten per parameter; on the CPU an Adam step of a 15k-parameter MLP takes about a third
+    of the time, see results/perf.md). ``auto``: where torch has it, floating-point
     parameters on CPU or CUDA; ``true`` / ``false`` force it."""
     if isinstance(setting, bool):
         return setting
