@@ -35,10 +35,9 @@ def direct_loss(loss: Callable) -> Callable:
 
     A ``_partial_: true`` target comes out of Hydra (1.3.8) as a partial that re-authorises its
     target on every call (see the pieces table of results/perf.md), paid once or more per
-    training step. A partial of
-    one of kdbench's own functions (``kdbench.losses``: trusted code, authorised when the config
-    was instantiated) becomes a plain ``functools.partial``; any other callable keeps Hydra's
-    checks."""
+    training step. A partial of one of kdbench's own functions (``kdbench.losses``: trusted
+    code, authorised when the config was instantiated) becomes a plain ``functools.partial``;
+    any other callable keeps Hydra's checks."""
     if isinstance(loss, functools.partial) and str(getattr(loss.func, "__module__", "")).startswith(
         "kdbench."
     ):

@@ -22,6 +22,7 @@ Usage: python scripts/perf.py [--rounds 3] [--epochs 4] [--repeats 3] [--out res
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -112,6 +113,18 @@ def run_kdbench(overrides: list[str], workdir: Path, callbacks=()) -> EpochTimer
     return timer
 
 
+def labelled_ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean CE over the labelled samples (y >= 0), 0 if none: the plain loops' CE term."""
+    return F.cross_entropy(z, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp_min(1)
+
+
+def cosine_lr(opt, total: int):
+    """Per-step cosine schedule to 0 at step ``total``: the plain loops' schedule."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))
+    )
+
+
 # -- the plain PyTorch loop -----------------------------------------------------------------
 def plain_loop(
     kind: str, overrides: list[str], epochs: int, tuned: bool = False
@@ -183,18 +196,9 @@ def plain_loop(
 
     n, bs = len(x_all), dm.batch_size
     steps = epochs * ((n + bs - 1) // bs)
-    scheds = [
-        torch.optim.lr_scheduler.LambdaLR(
-            o, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
-        )
-        for o in opts
-    ]
+    scheds = [cosine_lr(o, steps) for o in opts]
     for p in peers:
         p.train()
-
-    def ce(z, y):
-        # mean CE over the labelled samples (y >= 0), 0 if none
-        return F.cross_entropy(z, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp_min(1)
 
     out = []
     for _ in range(epochs):
@@ -205,12 +209,12 @@ def plain_loop(
             x, y = rows(x_all, idx), rows(y_all, idx)
             if kind == "online":
                 za, zb = teacher(x), student(x)
-                loss = gamma * (ce(za, y) + ce(zb, y)) + alpha * (
+                loss = gamma * (labelled_ce(za, y) + labelled_ce(zb, y)) + alpha * (
                     kd_loss(za, zb.detach(), temp) + kd_loss(zb, za.detach(), temp)
                 )
             else:
                 z = student(x)
-                loss = gamma * ce(z, y)
+                loss = gamma * labelled_ce(z, y)
                 if alpha > 0:
                     loss = loss + alpha * kd_loss(z, rows(t_logits, idx), temp)
                 if kind == "at":
@@ -307,10 +311,10 @@ def cifar_section(tmp: Path, batches: int = 12) -> list[str]:
 class Interleaved(L.Callback):
     """Offline kd, kdbench and the tuned plain loop interleaved in one fit: after each batch
     kdbench's Lightning loop serves (``k`` steps), the plain loop does ``k`` steps of its own
-    (own MLP student, same data and cached teacher logits, fused Adam, cosine schedule), so both
-    see the same machine state; drift and noise hit both alike. Epoch 0 is warm-up. kdbench's
-    time runs from the epoch start (first fetch included) to its last batch, minus the plain
-    loop's turns."""
+    (own copy of the student, same data and cached teacher logits, fused Adam, cosine
+    schedule), so both see the same machine state; drift and noise hit both alike. Epoch 0 is
+    warm-up. kdbench's time runs from the epoch start (first fetch included) to its last
+    batch, minus the plain loop's turns."""
 
     def __init__(self) -> None:
         self.ours = self.plain = 0.0
@@ -318,21 +322,14 @@ class Interleaved(L.Callback):
 
     def on_train_epoch_start(self, trainer, m):
         if not hasattr(self, "student"):
-            from kdbench.models import create_model
-
-            dm, cfg = trainer.datamodule, m.optim_cfg
+            dm, method = trainer.datamodule, m.method
             ds = dm.distill_set()
             self.x, self.y, self.t = ds.x, ds.y, m._teacher_cache.logits
-            self.bs, self.temp, self.alpha = dm.batch_size, m.method.temperature, m.method.alpha
-            self.student = create_model(
-                "mlp", num_classes=10, input_shape=(1, 40), hidden=[100, 100]
-            )
+            self.bs, self.method = dm.batch_size, method
+            self.student = copy.deepcopy(m.student.model)  # kdbench's architecture, own weights
             self.student.train()
-            self.opt = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, fused=True)
-            total = trainer.max_epochs * math.ceil(len(self.x) / self.bs)
-            self.sched = torch.optim.lr_scheduler.LambdaLR(
-                self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))
-            )
+            self.opt = torch.optim.Adam(self.student.parameters(), lr=m.optim_cfg.lr, fused=True)
+            self.sched = cosine_lr(self.opt, trainer.max_epochs * math.ceil(len(self.x) / self.bs))
             self.order, self.pos = torch.randperm(len(self.x)), 0
         self.last = time.perf_counter()
 
@@ -345,10 +342,9 @@ class Interleaved(L.Callback):
             self.pos += self.bs
             x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
             z = self.student(x)
-            ce = F.cross_entropy(z, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp_min(
-                1
-            )
-            loss = 1.0 * ce + self.alpha * kd_loss(z, self.t.index_select(0, idx), self.temp)
+            t = self.t.index_select(0, idx)
+            m = self.method
+            loss = m.gamma * labelled_ce(z, y) + m.alpha * kd_loss(z, t, m.temperature)
             for p in params:
                 p.grad = None
             loss.backward()
