@@ -241,8 +241,10 @@ class VIDTerm(Term):
 
 class CRDTerm(Term):
     """Contrastive representation distillation: embedding heads, two memory banks sized to the
-    training set (train + transfer), each anchor against ``nce_k`` negatives sampled per step
-    (of other classes for labelled anchors). Needs the sample index of every batch."""
+    training set (train + transfer), each anchor against ``nce_k`` distinct negatives sampled
+    per step (of other classes for labelled anchors, without replacement as the reference's
+    ``mode='exact'``: :meth:`kdbench.losses.CRDLoss.sample_negatives`). Needs the sample index of
+    every batch."""
 
     def __init__(
         self,

@@ -20,7 +20,10 @@
 #   CIFAR_ROOT  (required) the extracted cifar-100-python folder or the folder that holds it
 #               (https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz)
 #   SEEDS       student seeds (default "0 1 2"; the teacher's seed is fixed: teacher.seed)
-#   METHODS     default "none kd fitnet at rkd pkt crd crd_kd dist dkd" (conf/method/)
+#   METHODS     default "none kd fitnet at rkd pkt crd crd_kd dist dkd" (conf/method/; add kd_ls
+#               dkd_ls for logit standardisation). Per-pair method values of the reference
+#               code come with the pair's preset (its recipe node: DKD's beta is 2 for
+#               resnet56/110 teachers, 6 for vgg13 -> vgg8 and the wrn pairs, else 8).
 #   PAIRS       experiment names (default: all 9, conf/experiment/)
 #   MLFLOW_TRACKING_URI  default sqlite:///<repo>/outputs/cifar100.db (MLflow experiment cifar100)
 #   EXTRA       extra Hydra overrides for every run, e.g. "trainer.devices=4 trainer.strategy=ddp_spawn".

@@ -589,6 +589,44 @@ def test_sample_negatives_without_labels() -> None:
     assert torch.equal(out, again)  # reproducible from the generator
 
 
+def test_sample_negatives_are_distinct_when_there_are_enough_candidates() -> None:
+    # the reference (RepDistiller CIFAR100InstanceSample, mode 'exact'): np.random.choice(
+    # cls_negative[target], k, replace=k > len(cls_negative[target])): no repeats unless the
+    # anchor has fewer than k candidates
+    n_data = 20
+    labels = torch.tensor([0] * 10 + [1] * 5 + [-1] * 5)
+    index = long([0, 3, 11, 16, 19])  # class 0 (10 candidates), class 1 (15), unlabelled (19)
+    out = CRDLoss.sample_negatives(index, labels, n_data, 12, torch.Generator().manual_seed(3))
+    assert out.shape == (5, 12)
+    for row, anchor in zip(out.tolist(), index.tolist(), strict=True):
+        c = labels[anchor].item()
+        allowed = {n for n in range(n_data) if n != anchor and (c < 0 or labels[n].item() != c)}
+        assert set(row) <= allowed
+        if len(allowed) >= 12:
+            assert len(set(row)) == 12, row  # distinct
+        else:  # 10 candidates for 12 draws: with replacement, as the reference
+            assert len(set(row)) < 12
+    # exactly as many candidates as negatives: each candidate once
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    index = long([0, 4, 8])
+    out = CRDLoss.sample_negatives(index, labels, 9, 6, torch.Generator().manual_seed(4))
+    for row, anchor in zip(out.tolist(), index.tolist(), strict=True):
+        assert sorted(row) == [n for n in range(9) if n % 3 != anchor % 3]
+
+
+def test_sample_negatives_without_replacement_are_uniform() -> None:
+    # 3000 draws of 10 negatives out of the 30 samples of other classes: each of them is drawn
+    # 3000 * 10 / 30 = 1000 times in expectation (std ~26), none of the anchor's class
+    n_data = 40
+    labels = torch.arange(n_data) % 4
+    index = torch.zeros(3000, dtype=torch.long)  # anchor 0, class 0
+    out = CRDLoss.sample_negatives(index, labels, n_data, 10, torch.Generator().manual_seed(5))
+    assert (out.sort(1).values.diff(dim=1) > 0).all()  # distinct within every row
+    counts = torch.bincount(out.flatten(), minlength=n_data)
+    assert (counts[labels == 0] == 0).all()
+    assert counts[labels != 0].min() > 880 and counts[labels != 0].max() < 1120, counts
+
+
 def test_sample_negatives_reference_size_is_fast_and_valid() -> None:
     n_data, batch, k = 50000, 256, 16384
     labels = torch.randint(0, 100, (n_data,), generator=torch.Generator().manual_seed(3))
@@ -601,3 +639,5 @@ def test_sample_negatives_reference_size_is_fast_and_valid() -> None:
     labelled = (anchor_labels >= 0).squeeze(1)
     assert not (labels[out][labelled] == anchor_labels[labelled]).any()
     assert not (out[~labelled] == index[~labelled][:, None]).any()
+    # 16384 of ~49500 candidates: no anchor's negatives repeat (with replacement ~15% would)
+    assert (out.sort(1).values.diff(dim=1) > 0).all()

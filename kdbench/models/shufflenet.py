@@ -1,7 +1,9 @@
 """ShuffleNet V1 (Zhang et al. 2018) and V2 (Ma et al. 2018) for 32x32 images, the CIFAR
 variants of the CRD / RepDistiller benchmark (``shufflev1``: 3 groups, 240-480-960 channels,
-0.95M parameters at 100 classes; ``shufflev2``: net size 1, 116-232-464 channels and a 1x1
-convolution to 1024, 1.36M).
+949,258 parameters at 100 classes; ``shufflev2``: net size 1, a 1x1 stem to 24 channels,
+116-232-464 channels and a 1x1 convolution to 1024, 1,355,528), module for module and parameter
+for parameter the networks of RepDistiller's ``models/ShuffleNetv1.py`` / ``ShuffleNetv2.py``
+(only the names of a few modules differ: :mod:`kdbench.checkpoints` maps them).
 
 Three stages ``layer1``..``layer3``, each halving the resolution (16, 8, 4 pixels for 32x32
 inputs); their outputs are post-ReLU. The hint is ``layer2``, the embedding ``pool``.
@@ -98,7 +100,7 @@ class ShuffleNetV1(nn.Module):
 
 @register_model("shufflev1")
 def shufflev1(num_classes: int, input_shape: tuple[int, ...], groups: int = 3) -> ShuffleNetV1:
-    """CIFAR ShuffleNetV1 (groups 3: 0.95M parameters at 100 classes)."""
+    """CIFAR ShuffleNetV1 (groups 3: 949,258 parameters at 100 classes)."""
     channels = image_channels("shufflev1", input_shape)
     if groups not in V1_WIDTHS:
         raise KdbenchError(f"shufflev1: groups={groups} is invalid: use one of {list(V1_WIDTHS)}")
@@ -172,8 +174,9 @@ V2_WIDTHS = {
 
 
 class ShuffleNetV2(nn.Module):
-    """3x3 stem to 24 channels -> ``layer1``..``layer3`` (a down block, then basic blocks) ->
-    1x1 ``conv2`` -> ``pool`` -> ``fc``."""
+    """1x1 stem to 24 channels (as the reference's CIFAR variant, not the ImageNet 3x3 stride-2
+    stem) -> ``layer1``..``layer3`` (a down block, then basic blocks) -> 1x1 ``conv2`` ->
+    ``pool`` -> ``fc``."""
 
     default_taps = {"stages": ["layer1", "layer2", "layer3"], "hint": "layer2", "embedding": "pool"}
 
@@ -186,7 +189,7 @@ class ShuffleNetV2(nn.Module):
     ) -> None:
         super().__init__()
         widths = V2_WIDTHS[net_size]
-        self.conv1 = nn.Conv2d(in_channels, 24, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         self.relu1 = nn.ReLU()
         c_in = 24
@@ -208,7 +211,7 @@ class ShuffleNetV2(nn.Module):
 
 @register_model("shufflev2")
 def shufflev2(num_classes: int, input_shape: tuple[int, ...], net_size: float = 1) -> ShuffleNetV2:
-    """CIFAR ShuffleNetV2 (net size 1: 1.36M parameters at 100 classes)."""
+    """CIFAR ShuffleNetV2 (net size 1: 1,355,528 parameters at 100 classes)."""
     channels = image_channels("shufflev2", input_shape)
     if net_size not in V2_WIDTHS:
         raise KdbenchError(
