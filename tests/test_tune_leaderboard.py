@@ -138,7 +138,7 @@ def test_leaderboard_exact_aggregates(tmp_path):
         "leaderboard_pareto.png",
     ]
     md = files[0].read_text()
-    assert "| d | t -> s | offline | kd | 75.00 ± 7.07 | 76.00 ± 7.07 | 2 | +20.00 |" in md
+    assert "| d | t -> s | offline | kd |  | 75.00 ± 7.07 | 76.00 ± 7.07 | 2 | +20.00 |" in md
     assert files[2].stat().st_size > 1000
     # filters
     assert leaderboard.load_runs(uri, "lb", method="kd")["method"].unique().tolist() == ["kd"]
