@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from kdbench.cachefile import atomic_write, read_or_none
 from kdbench.taps import Outputs
 
 CACHE_VERSION = 1
@@ -91,16 +91,17 @@ def compute(teacher, dm, ds, taps, device, limit_mb: float) -> Outputs | None:
 
 def load(path: Path, device, n: int) -> Outputs | None:
     """The saved outputs at ``path`` (None if absent, unreadable or of another size)."""
-    if not path.exists():
-        return None
-    try:
+
+    def read(p: Path) -> Outputs:
         # read into memory (not mmap: indexing a memory-mapped tensor every step is slower)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(p, map_location="cpu", weights_only=True)
         out = Outputs(obj["logits"], obj["features"])
         if len(out.logits) != n:
             raise ValueError(f"{len(out.logits)} samples, expected {n}")
-    except Exception as exc:  # noqa: BLE001 - any unreadable entry is recomputed over
-        print(f"kdbench: recomputing an unusable teacher-output cache entry {path} ({exc})")
+        return out
+
+    out = read_or_none(path, read, "teacher-output cache entry")
+    if out is None:
         return None
     return out.map(lambda t: t.to(device)) if device.type != "cpu" else out
 
@@ -108,19 +109,9 @@ def load(path: Path, device, n: int) -> Outputs | None:
 def save(path: Path, out: Outputs) -> None:
     """Atomic write: a crash leaves the old entry or none, never half of one. A cache that
     cannot be written is skipped with a notice (the run has the outputs in memory)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            cpu = out.map(torch.Tensor.cpu)
-            torch.save({"logits": cpu.logits, "features": cpu.features}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as exc:
-        print(f"kdbench: not saving teacher outputs to {path} ({exc})")
+    cpu = out.map(torch.Tensor.cpu)
+    obj = {"logits": cpu.logits, "features": cpu.features}
+    atomic_write(path, lambda f: torch.save(obj, f), "teacher outputs")
 
 
 def resolve(teacher, dm, taps, device, limit_mb: float, directory: str | None):

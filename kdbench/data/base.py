@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from kdbench.errors import ConfigError, KdbenchError
+from kdbench.errors import ConfigError
 
 UNLABELLED = -1
 
@@ -198,25 +197,18 @@ class ArrayDataModule(L.LightningDataModule):
 
     def load_cached(self, what: dict, make) -> dict[str, np.ndarray]:
         """Arrays from ``data_dir`` if there, else ``make()`` written atomically (never half)."""
+        from kdbench.cachefile import atomic_write, read_or_none
+
+        def read(p: Path) -> dict[str, np.ndarray]:
+            with np.load(p, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}  # reads (and checks) every member now
+
         path = self._cache_path(what)
-        if path.exists():
-            try:
-                with np.load(path) as f:
-                    return {k: f[k] for k in f.files}
-            except (OSError, ValueError) as exc:  # unreadable: regenerate over it
-                print(f"kdbench: regenerating unreadable data cache {path} ({exc})")
-        arrays = make()
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.data_dir, suffix=".tmp.npz")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise KdbenchError(
-                f"cannot write the data cache in dataset.data_dir={str(self.data_dir)!r}: {exc}; "
-                "point dataset.data_dir (or KDBENCH_CACHE_DIR) at a writable directory"
-            ) from None
+        arrays = read_or_none(path, read, "data cache entry")
+        if arrays is not None:
+            return arrays
+        arrays = make()  # an unwritable data_dir costs the cache, not the run (a notice)
+        atomic_write(path, lambda f: np.savez(f, **arrays), "data cache entry")
         return arrays
 
     def arrays(self) -> dict[str, np.ndarray]:
