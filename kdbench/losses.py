@@ -289,19 +289,105 @@ def attention_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def _rkd_distances(e: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """Pairwise distances normalised by their positive mean; ``diff[a, b] = e_b - e_a``."""
-    d = diff.pow(2).sum(dim=2).clamp(min=1e-12).sqrt()
+def _rkd_relations(
+    e: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(g, h, r, d)`` of the embeddings ``e`` (``B x D``), all ``B x B`` and float64.
+
+    ``e`` is centred first (the relations only involve differences, so this changes nothing but
+    the rounding). ``g = e e^T``; ``d[a, b] = ||e_a - e_b|| = sqrt(g_aa + g_bb - 2 g_ab)`` with the
+    squared distance clamped at 1e-12 and the diagonal 0; ``r = 1 / d`` off the diagonal, 0 on it
+    (``u_jj = 0``, as ``F.normalize`` of a zero vector); ``h[j, i] = g_ji - g_jj / 2``, so that
+    ``<e_i - e_j, e_k - e_j> = g_ik - h_ji - h_jk``. Float64 keeps that difference exact enough
+    for near-duplicate embeddings (float32 Gram entries would cancel to noise).
+    """
+    dtype = torch.float32 if e.device.type == "mps" else torch.float64  # MPS has no float64
+    e = e.to(dtype)
+    e = e - e.mean(dim=0, keepdim=True)
+    g = e @ e.t()
+    sq = g.diagonal()
     eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
-    d = d.masked_fill(eye, 0.0)
-    return d / d[d > 0].mean()
+    d2 = sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * g
+    d = d2.clamp(min=1e-12).sqrt().masked_fill(eye, 0.0)
+    r = (1.0 / d.clamp(min=1e-12)).masked_fill(eye, 0.0)
+    h = g - 0.5 * sq.unsqueeze(1)
+    return g, h, r, d
 
 
-def _rkd_angles(diff: torch.Tensor) -> torch.Tensor:
-    """All ``psi_ijk = <u_ij, u_kj>`` flattened; ``u_ij = normalize(e_i - e_j)``."""
-    # diff[j, i] = e_i - e_j, so unit[j, i] = u_ij and bmm(...)[j, i, k] = <u_ij, u_kj>
-    unit = F.normalize(diff, p=2.0, dim=2)
-    return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
+def _rkd_angles(g: torch.Tensor, h: torch.Tensor, r: torch.Tensor, js: slice) -> torch.Tensor:
+    """``psi[j, i, k] = <u_ij, u_kj> = (g_ik - h_ji - h_jk) r_ji r_jk`` for ``j`` in ``js``
+    (float32, ``len(js) x B x B``); the cancelling sum is formed in ``g``'s dtype."""
+    hj = h[js]
+    m = g.unsqueeze(0) - hj.unsqueeze(2)
+    m.sub_(hj.unsqueeze(1))
+    m = m.float()
+    rj = r[js].float()
+    return m.mul_(rj.unsqueeze(2)).mul_(rj.unsqueeze(1))
+
+
+def _rkd_chunk(batch: int, device: torch.device) -> int:
+    """Anchors ``j`` per block of the ``B^3`` angle tensor: ~1 MB blocks stay in a CPU cache."""
+    elements = 2**24 if device.type == "cuda" else 2**18
+    return max(1, min(batch, elements // (batch * batch)))
+
+
+class _RkdAngleLoss(torch.autograd.Function):
+    """``sum_jik SmoothL1(psi_s[j, i, k] - psi_t[j, i, k])`` from the student's ``(g, h, r, d)``
+    and the teacher's ``(g, h, r)``, in blocks of anchors ``j``; the forward pass also forms the
+    gradients with respect to the student's ``g``, ``h`` and ``r`` (``B x B``), so no ``B^3``
+    tensor is kept for the backward pass. With ``x = psi_s - psi_t`` and ``c = clamp(x, -1, 1)``
+    (SmoothL1's derivative): ``dL/dg_ik = sum_j c_jik r_ji r_jk``,
+    ``dL/dh_ji = -2 sum_k c_jik r_ji r_jk`` and ``dL/dr_ji = 2 d_ji sum_k c_jik psi_jik``
+    (``psi`` and ``c`` are symmetric in ``i, k``)."""
+
+    @staticmethod
+    def forward(ctx, g_s, h_s, r_s, d_s, g_t, h_t, r_t):
+        batch = g_s.shape[0]
+        need_grad = any(ctx.needs_input_grad[:3])
+        total = torch.zeros((), dtype=torch.float32, device=g_s.device)
+        grads = (
+            [torch.zeros(batch, batch, device=g_s.device) for _ in range(3)] if need_grad else []
+        )
+        r32, d32 = r_s.float(), d_s.float()
+        step = _rkd_chunk(batch, g_s.device)
+        # On the CPU the ~20 block operations run on one thread: each is small, and with every
+        # core in use (other processes) a parallel region waits for a descheduled thread, which
+        # made an online rkd epoch ~30x slower on a loaded 2-core machine (results/perf.md)
+        threads = torch.get_num_threads()
+        single = g_s.device.type == "cpu" and threads > 1
+        if single:
+            torch.set_num_threads(1)
+        try:
+            _rkd_angle_blocks(g_s, h_s, r_s, g_t, h_t, r_t, r32, d32, step, total, grads)
+        finally:
+            if single:
+                torch.set_num_threads(threads)
+        ctx.grad_dtype = g_s.dtype
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grads = [grad_output * x.to(ctx.grad_dtype) for x in ctx.saved_tensors]
+        return (*grads, None, None, None, None)
+
+
+def _rkd_angle_blocks(g_s, h_s, r_s, g_t, h_t, r_t, r32, d32, step, total, grads) -> None:
+    """The block loop of :class:`_RkdAngleLoss`: adds into ``total`` and (when given) ``grads``."""
+    batch = g_s.shape[0]
+    for start in range(0, batch, step):
+        js = slice(start, min(batch, start + step))
+        psi_s = _rkd_angles(g_s, h_s, r_s, js)
+        psi_t = _rkd_angles(g_t, h_t, r_t, js)
+        total += F.smooth_l1_loss(psi_s, psi_t, reduction="sum")
+        if not grads:
+            continue
+        c = torch.sub(psi_s, psi_t, out=psi_t).clamp_(-1.0, 1.0)
+        grads[2][js] = 2.0 * d32[js] * psi_s.mul_(c).sum(dim=2)
+        c.mul_(r32[js].unsqueeze(2)).mul_(r32[js].unsqueeze(1))
+        grads[0] += c.sum(dim=0)
+        grads[1][js] = -2.0 * c.sum(dim=2)
 
 
 def rkd_loss(
@@ -317,27 +403,33 @@ def rkd_loss(
     ``psi_ijk = <u_ij, u_kj>``, ``u_ij = l2_normalize(e_i - e_j)``; ``L_A = SmoothL1(psi_s,
     psi_t)`` (mean). Embeddings are flattened to ``B x D``; the teacher side runs under
     ``torch.no_grad()``.
+
+    Computed from the Gram matrix ``e e^T`` (:func:`_rkd_relations`): ``O(B^2 D + B^3)`` time
+    and ``O(B^2)`` memory instead of the direct form's ``O(B^3 D)`` and ``O(B^2 D)``. The direct
+    form normalises ``e_i - e_j`` by ``max(||e_i - e_j||, 1e-12)``; here the angle uses the same
+    clamped distance as ``L_D`` (``max(||e_i - e_j||, 1e-6)``), which only differs for pairs
+    closer than 1e-6 (their angles are rounding noise either way; exact duplicates give
+    ``psi = 0`` in both). Not twice differentiable.
     """
     if student_embedding.shape[0] != teacher_embedding.shape[0]:
         raise ValueError(
             "rkd_loss: student and teacher batch sizes differ: "
             f"{student_embedding.shape[0]} vs {teacher_embedding.shape[0]}"
         )
-    if student_embedding.shape[0] < 2:
+    batch = student_embedding.shape[0]
+    if batch < 2:
         raise ValueError("rkd_loss: needs a batch of at least 2 samples")
-    e_s = student_embedding.float().reshape(student_embedding.shape[0], -1)
-    e_t = teacher_embedding.float().reshape(teacher_embedding.shape[0], -1)
+    e_s = student_embedding.float().reshape(batch, -1)
+    e_t = teacher_embedding.float().reshape(batch, -1)
+    pairs = batch * (batch - 1)  # the off-diagonal distances, all positive after the clamp
 
     with torch.no_grad():
-        diff_t = e_t.unsqueeze(0) - e_t.unsqueeze(1)
-        d_t = _rkd_distances(e_t, diff_t)
-        psi_t = _rkd_angles(diff_t)
-    diff_s = e_s.unsqueeze(0) - e_s.unsqueeze(1)
-    d_s = _rkd_distances(e_s, diff_s)
-    psi_s = _rkd_angles(diff_s)
-
-    loss_distance = F.smooth_l1_loss(d_s, d_t, reduction="mean")
-    loss_angle = F.smooth_l1_loss(psi_s, psi_t, reduction="mean")
+        g_t, h_t, r_t, d_t = _rkd_relations(e_t)
+        d_t = d_t / (d_t.sum() / pairs)
+    g_s, h_s, r_s, d_s = _rkd_relations(e_s)
+    loss_distance = F.smooth_l1_loss((d_s / (d_s.sum() / pairs)).float(), d_t.float())
+    angle_sum = _RkdAngleLoss.apply(g_s, h_s, r_s, d_s.detach(), g_t, h_t, r_t)
+    loss_angle = angle_sum / batch**3
     return distance_weight * loss_distance + angle_weight * loss_angle
 
 
@@ -615,12 +707,18 @@ class CRDLoss(nn.Module):
         k: int,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Draw ``k`` negative sample indices in ``[0, n_data)`` per anchor, uniformly (``B x k``).
+        """Draw ``k`` negative sample indices in ``[0, n_data)`` per anchor (``B x k``), as the
+        reference's ``mode='exact'`` (RepDistiller ``dataset/cifar100.py``
+        ``CIFAR100InstanceSample``: ``np.random.choice(cls_negative[target], k, replace=k >
+        len(cls_negative[target]))``): ``k`` *distinct* samples drawn uniformly from the anchor's
+        candidates, with replacement only when there are fewer than ``k`` of them.
 
-        A labelled anchor (``labels[index_i] >= 0``) gets negatives from the samples whose label
-        differs from its own (unlabelled samples, label -1, count as other); an unlabelled anchor
-        (or any anchor when ``labels`` is None) gets any sample except itself. Sampling is with
-        replacement, on ``index``'s device (``generator`` must live on that device).
+        A labelled anchor (``labels[index_i] >= 0``) draws from the samples whose label differs
+        from its own (unlabelled samples, label -1, count as other); an unlabelled anchor (or any
+        anchor when ``labels`` is None) from every sample except itself. Without replacement,
+        each anchor's draw is the ``k`` largest of uniform random keys over the candidates (a
+        uniform random ``k``-subset; one batched top-k, no per-anchor loop), on ``index``'s
+        device (``generator`` must live on that device).
         """
         if index.dim() != 1:
             raise ValueError(f"sample_negatives: index must be 1-D, got {tuple(index.shape)}")
@@ -628,32 +726,42 @@ class CRDLoss(nn.Module):
             raise ValueError(f"sample_negatives: n_data must be >= 2, got {n_data!r}")
         device = index.device
         index = index.long()
-        out = torch.empty(index.shape[0], k, dtype=torch.long, device=device)
-        if labels is None:
-            unlabelled = torch.ones_like(index, dtype=torch.bool)
-        else:
+        if labels is not None:
             if labels.shape != (n_data,):
                 raise ValueError(
                     f"sample_negatives: labels must have shape ({n_data},), "
                     f"got {tuple(labels.shape)}"
                 )
             labels = labels.to(device=device, dtype=torch.long)
-            anchor_labels = labels[index]
-            unlabelled = anchor_labels < 0
-            for c in torch.unique(anchor_labels[~unlabelled]).tolist():
-                candidates = torch.nonzero(labels != c).squeeze(1)
-                if candidates.numel() == 0:
-                    raise ValueError(f"sample_negatives: every sample has the label {c}")
-                rows = torch.nonzero(anchor_labels == c).squeeze(1)
-                draw = torch.randint(
-                    0, candidates.numel(), (rows.numel(), k), generator=generator, device=device
+
+        def excluded(rows: torch.Tensor) -> torch.Tensor:
+            """len(rows) x n_data: True where a sample may not be a negative of the anchor."""
+            out = torch.zeros(rows.numel(), n_data, dtype=torch.bool, device=device)
+            if labels is not None:
+                own = labels[index[rows]]
+                out |= (labels[None, :] == own[:, None]) & (own[:, None] >= 0)
+            out[torch.arange(rows.numel(), device=device), index[rows]] = True  # the anchor
+            return out
+
+        out = torch.empty(index.shape[0], k, dtype=torch.long, device=device)
+        # at most 2^24 random keys at a time (64 MB), whatever the data set's size
+        for rows in torch.arange(index.shape[0], device=device).split(max(1, 2**24 // n_data)):
+            mask = excluded(rows)
+            n_candidates = n_data - mask.sum(1)
+            if bool((n_candidates == 0).any()):
+                c = labels[index[rows][n_candidates == 0][0]].item()
+                raise ValueError(f"sample_negatives: every sample has the label {c}")
+            distinct = n_candidates >= k
+            if bool(distinct.any()):  # the reference sizes: a batched top-k of random keys
+                sub = torch.nonzero(distinct).squeeze(1)
+                keys = torch.rand(sub.numel(), n_data, generator=generator, device=device)
+                keys.masked_fill_(mask[sub], -1.0)  # candidates' keys lie in [0, 1)
+                out[rows[sub]] = keys.topk(k, dim=1, sorted=False).indices
+            if not bool(distinct.all()):  # fewer than k candidates: uniform, with replacement
+                sub = torch.nonzero(~distinct).squeeze(1)
+                rank = torch.rand(
+                    sub.numel(), k, generator=generator, device=device, dtype=torch.float64
                 )
-                out[rows] = candidates[draw]
-        rows = torch.nonzero(unlabelled).squeeze(1)
-        if rows.numel() > 0:
-            draw = torch.randint(
-                0, n_data - 1, (rows.numel(), k), generator=generator, device=device
-            )
-            anchors = index[rows][:, None]
-            out[rows] = draw + (draw >= anchors).long()  # skip the anchor itself
+                rank = (rank * n_candidates[sub, None]).long()  # the rank-th candidate, from 0
+                out[rows[sub]] = torch.searchsorted((~mask[sub]).cumsum(1), rank + 1)
         return out

@@ -15,6 +15,10 @@ Writes results/perf.md. Sections:
    that reads it.
 3. Start-up, in fresh processes: ``--help``, a config error, time to the first training step.
 4. Cold vs warm default run (``python -m kdbench``): empty cache vs data and teacher cached.
+5. Flagship (``--only flagship``): the RKD loss alone, its direct O(B^3 D) form (written here)
+   against kdbench's Gram-matrix form, and the wall time of ``python -m kdbench method=rkd
+   scheme=online`` against ``method=kd scheme=online``, alternated; ``--before PATH`` also
+   times another checkout (e.g. ``git worktree add /tmp/kdb_head HEAD``).
 
 Usage: python scripts/perf.py [--rounds 3] [--epochs 4] [--repeats 3] [--out results/perf.md]
 """
@@ -456,6 +460,108 @@ def pieces_section() -> list[str]:
     ]
 
 
+# -- flagship: python -m kdbench method=rkd scheme=online -----------------------------------
+def rkd_direct_reference(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD in its direct O(B^3 D) form (kdbench's until the Gram-matrix form replaced it):
+    all differences e_i - e_j (B x B x D), normalised, then a batched inner product; kept here
+    as the "before" of the flagship section."""
+
+    def relations(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = e.float().reshape(e.shape[0], -1)
+        diff = e.unsqueeze(0) - e.unsqueeze(1)
+        d = diff.pow(2).sum(dim=2).clamp(min=1e-12).sqrt()
+        d = d.masked_fill(torch.eye(e.shape[0], dtype=torch.bool), 0.0)
+        unit = F.normalize(diff, p=2.0, dim=2)
+        return d / d[d > 0].mean(), torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
+
+    with torch.no_grad():
+        d_t, psi_t = relations(teacher)
+    d_s, psi_s = relations(student)
+    return 25.0 * F.smooth_l1_loss(d_s, d_t) + 50.0 * F.smooth_l1_loss(psi_s, psi_t)
+
+
+def flagship_section(
+    tmp: Path, rounds: int, before: str | None, extra: list[str], threads: int | None
+) -> list[str]:
+    """The rkd loss alone (direct form vs kdbench's), then the wall time of the two online
+    commands, alternated (and of a ``before`` checkout's, via PYTHONPATH, when given);
+    ``threads``: OMP_NUM_THREADS of the commands (steadier on a loaded machine)."""
+    from kdbench.losses import rkd_loss
+
+    lines = [
+        "## Flagship command: `python -m kdbench method=rkd scheme=online` vs `method=kd`",
+        "",
+        "RKD loss alone, forward + backward, batch 128 (student D as given, teacher D 128), "
+        f"median of {rounds} alternated rounds of 5 calls (best call of each round):",
+        "",
+        "| D | direct O(B^3 D) form | Gram form (kdbench) | speed-up | max abs diff of the value "
+        "| max abs diff of the gradient / its max |",
+        "|---|---|---|---|---|---|",
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for dim in (100, 128, 256):
+        s = torch.relu(torch.randn(128, dim, generator=gen)) * 2.0 + 1.0
+        t = torch.relu(torch.randn(128, 128, generator=gen))
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(rounds):
+            for name, fn in (("old", rkd_direct_reference), ("new", rkd_loss)):
+                best = math.inf
+                for _ in range(5):
+                    x = s.clone().requires_grad_()
+                    start = time.perf_counter()
+                    fn(x, t).backward()
+                    best = min(best, time.perf_counter() - start)
+                times[name].append(best * 1e3)
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        va, vb = rkd_direct_reference(a, t), rkd_loss(b, t)
+        va.backward(), vb.backward()
+        old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        grad = ((a.grad - b.grad).abs().max() / a.grad.abs().max()).item()
+        lines.append(
+            f"| {dim} | {old:.1f} ms | {new:.1f} ms | {old / new:.1f}x "
+            f"| {abs(va.item() - vb.item()):.1e} | {grad:.1e} |"
+        )
+    env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp / "cache"), "KDBENCH_PRINT_METRICS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # every run: a fresh store in its own directory
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    py = [sys.executable, "-m", "kdbench", "scheme=online", *extra]
+    warm = tmp / "flagship_warm"
+    warm.mkdir()
+    timed([*py, "method=kd", "trainer.max_epochs=1", "+trainer.limit_train_batches=1"], warm, env)
+    trees = [("working tree", None)] + ([("before", before)] if before else [])
+    walls: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        for tree, path in trees:
+            e = {**env, "PYTHONPATH": path} if path else env
+            for method in ("kd", "rkd"):
+                wd = tmp / f"flagship_{r}_{method}_{'b' if path else 'w'}"
+                wd.mkdir()
+                walls.setdefault((tree, method), []).append(timed([*py, f"method={method}"], wd, e))
+                print(f"flagship round {r}: {tree} {method} {walls[tree, method][-1]:.1f} s")
+    shown = " ".join(["scheme=online", *extra])
+    lines += [
+        "",
+        f"Wall time of `python -m kdbench method=... {shown}` (fresh MLflow store per run, data "
+        f"cached; the online scheme trains both peers, no teacher cache), {rounds} alternated "
+        "rounds"
+        + (f", OMP_NUM_THREADS={threads}" if threads else "")
+        + (f"; *before*: `PYTHONPATH={before}`" if before else "")
+        + ":",
+        "",
+        "| code | method=kd | method=rkd | rkd / kd (per round) |",
+        "|---|---|---|---|",
+    ]
+    for tree, _ in trees:
+        kd, rkd = walls[tree, "kd"], walls[tree, "rkd"]
+        ratios = [b / a for a, b in zip(kd, rkd, strict=True)]
+        lines.append(
+            f"| {tree} | {fmt(kd, digits=1)} | {fmt(rkd, digits=1)} | "
+            f"{statistics.median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}) |"
+        )
+    return [*lines, ""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3, help="kdbench/plain alternations per case")
@@ -466,15 +572,35 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="with --only: append to --out")
     p.add_argument(
         "--only",
-        choices=["pieces", "overhead", "interleaved", "cache", "startup", "wall", "cifar"],
+        choices=[
+            "pieces",
+            "overhead",
+            "interleaved",
+            "cache",
+            "startup",
+            "wall",
+            "cifar",
+            "flagship",
+        ],
         nargs="*",
+    )
+    p.add_argument(
+        "--before",
+        help="flagship: also time this checkout of kdbench (PYTHONPATH), e.g. a git worktree",
+    )
+    p.add_argument(
+        "--flagship-overrides",
+        nargs="*",
+        default=[],
+        help="flagship: extra overrides of both commands (default: none, the full recipe)",
     )
     p.add_argument("--cases", nargs="*", choices=[k for _, _, k in CASES], help="overhead cases")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = set(
-        args.only or ["pieces", "overhead", "interleaved", "cache", "startup", "wall", "cifar"]
+        args.only
+        or ["pieces", "overhead", "interleaved", "cache", "startup", "wall", "cifar", "flagship"]
     )
     lines = [
         "---" if args.append else "# kdbench speed: overhead against a plain PyTorch loop, caches",
@@ -605,6 +731,10 @@ def main() -> None:
             ]
         if "cifar" in sections:
             lines += cifar_section(tmp)
+        if "flagship" in sections:
+            lines += flagship_section(
+                tmp, args.rounds, args.before, args.flagship_overrides, args.threads
+            )
     text = "\n".join(lines)
     if args.only is None:
         Path(args.out).write_text(text)

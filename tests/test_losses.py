@@ -561,6 +561,94 @@ def test_rkd_does_not_backpropagate_into_teacher() -> None:
     assert student.grad.abs().sum() > 0
 
 
+def rkd_direct(
+    student: torch.Tensor, teacher: torch.Tensor, w_d: float = 25.0, w_a: float = 50.0
+) -> torch.Tensor:
+    """The direct O(B^3 D) form of METHODS.md in float64: differences e_i - e_j, normalised by
+    max(norm, 1e-12) (F.normalize), then every <u_ij, u_kj>; differentiable in the student."""
+
+    def relations(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = e.double().reshape(e.shape[0], -1)
+        diff = e.unsqueeze(0) - e.unsqueeze(1)  # diff[j, i] = e_i - e_j
+        d = diff.pow(2).sum(dim=2).clamp(min=1e-12).sqrt()
+        d = d.masked_fill(torch.eye(e.shape[0], dtype=torch.bool), 0.0)
+        d = d / d[d > 0].mean()
+        unit = F.normalize(diff, p=2.0, dim=2, eps=1e-12)
+        return d, torch.bmm(unit, unit.transpose(1, 2))  # [j, i, k] = <u_ij, u_kj>
+
+    d_s, psi_s = relations(student)
+    with torch.no_grad():
+        d_t, psi_t = relations(teacher)
+    return w_d * F.smooth_l1_loss(d_s, d_t) + w_a * F.smooth_l1_loss(psi_s, psi_t)
+
+
+def test_rkd_worked_example_right_angles() -> None:
+    # 2-D, 3 samples. Student (0,0), (1,0), (0,1); teacher (0,0), (1,0), (1,1).
+    # Angles psi_ijk = <u_ij, u_kj> at anchor j; entries with i = j or k = j are 0 and
+    # psi_iji = 1 on both sides, so only i != k, both != j, can differ (each twice: ijk, kji):
+    #   j = 0: student u_10 = (1,0), u_20 = (0,1): psi = 0; teacher u_20 = (1,1)/sqrt2: 1/sqrt2
+    #   j = 1: student u_01 = (-1,0), u_21 = (-1,1)/sqrt2: 1/sqrt2; teacher u_21 = (0,1): 0
+    #   j = 2: student u_02 = (0,-1), u_12 = (1,-1)/sqrt2: 1/sqrt2; teacher u_02 = (-1,-1)/sqrt2,
+    #          u_12 = (0,-1): 1/sqrt2 -> equal
+    #   4 entries differ by 1/sqrt2 < 1: smooth L1 = 0.5 * 0.5 = 0.25 each; L_A = 1 / 27
+    # Distances: student d01 = 1, d02 = 1, d12 = sqrt2; teacher d01 = 1, d02 = sqrt2, d12 = 1;
+    #   both means m = (2 + sqrt2) / 3; pairs 02 and 12 differ by x = (sqrt2 - 1) / m
+    #   (= 0.3639610), 4 entries of 9: L_D = 4 * 0.5 * x^2 / 9 = 0.0294373
+    student = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    teacher = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    x = (math.sqrt(2.0) - 1.0) / ((2.0 + math.sqrt(2.0)) / 3.0)
+    loss_d, loss_a = 2.0 * x * x / 9.0, 1.0 / 27.0
+    assert loss_d == pytest.approx(0.0294373, rel=1e-5)
+    assert rkd_loss(student, teacher, 0.0, 1.0).item() == approx(loss_a)
+    assert rkd_loss(student, teacher, 1.0, 0.0).item() == approx(loss_d)
+    assert rkd_loss(student, teacher).item() == approx(25.0 * loss_d + 50.0 * loss_a)
+
+
+def _rkd_against_direct(student: torch.Tensor, teacher: torch.Tensor, grad_rel: float) -> None:
+    ours = student.clone().requires_grad_()
+    value = rkd_loss(ours, teacher)
+    value.backward()
+    ref = student.double().requires_grad_()
+    expected = rkd_direct(ref, teacher)
+    expected.backward()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(expected.item(), rel=2e-6)
+    scale = ref.grad.abs().max().item()
+    assert scale > 0
+    assert (ours.grad.double() - ref.grad).abs().max().item() <= grad_rel * scale
+
+
+@pytest.mark.parametrize("dim", [100, 256])
+def test_rkd_gram_form_matches_direct_form_batch_128(dim: int) -> None:
+    # realistic: B = 128, post-ReLU embeddings with a large common offset (the Gram form centres
+    # them; uncentred float32 Gram entries of ~1e4 would lose the differences)
+    student = torch.relu(randn(128, dim, seed=70)) * 3.0 + 50.0
+    teacher = torch.relu(randn(128, 128, seed=71)) + 100.0
+    _rkd_against_direct(student, teacher, grad_rel=1e-5)
+
+
+def test_rkd_near_duplicate_embeddings_match_direct_form() -> None:
+    # pairs 1e-3 and 1e-5 apart (relative to a spread of 1): their angles are still resolved
+    student, teacher = randn(16, 32, seed=72), randn(16, 32, seed=73)
+    student[1] = student[0] + 1e-3 * randn(32, seed=74)
+    student[2] = student[0] + 1e-5 * randn(32, seed=75)
+    teacher[3] = teacher[4] + 1e-4 * randn(32, seed=76)
+    _rkd_against_direct(student, teacher, grad_rel=1e-4)
+
+
+def test_rkd_exact_duplicates_give_zero_angles() -> None:
+    # e_1 = e_0 exactly: u_01 = u_10 = 0, so every angle with that pair is 0 (as the direct
+    # form's F.normalize gives); the value matches and the gradient stays finite
+    student, teacher = randn(12, 8, seed=77), randn(12, 8, seed=78)
+    student[1] = student[0]
+    teacher[5] = teacher[6]
+    ours = student.clone().requires_grad_()
+    value = rkd_loss(ours, teacher)
+    value.backward()
+    assert value.item() == pytest.approx(rkd_direct(student, teacher).item(), rel=2e-6)
+    assert torch.isfinite(ours.grad).all()
+
+
 def test_rkd_batch_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="batch"):
         rkd_loss(torch.zeros(3, 4), torch.zeros(4, 4))

@@ -65,6 +65,10 @@ class Offline(SchemeModule):
             self.teacher, dm, self.method.taps, self.device, self.cache_limit_mb, self.cache_dir
         )
         self.record_tag("teacher_outputs", source)
+        if self.global_rank == 0:
+            from kdbench.progress import say
+
+            say(f"teacher outputs: {source}")
 
     def teacher_outputs(self, x: torch.Tensor, idx: torch.Tensor) -> Outputs:
         cache = self._teacher_cache
