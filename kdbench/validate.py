@@ -7,11 +7,14 @@ then checks what needs the models and data (taps, shapes, trainer options).
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from kdbench.errors import ConfigError
+from kdbench.modelspec import check_model_config
 
 KNOWLEDGE_TYPES = ("none", "response", "feature", "attention", "relation")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -23,6 +26,14 @@ def _number(key: str, value, low: float, strict: bool) -> None:
     ok = ok and (value > low if strict else value >= low)
     if not ok:
         raise ConfigError(key, value, f"must be a finite number {'>' if strict else '>='} {low}")
+
+
+def _fraction(key: str, value, what: str, high_open: bool = False, low_open: bool = False):
+    """``value`` is a number in [0, 1] (ends excluded as asked); ``what`` says the range."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        raise ConfigError(key, value, f"must be a number {what}")
 
 
 def check_method(m: DictConfig) -> None:
@@ -54,11 +65,304 @@ def check_optim(o: DictConfig, key: str) -> None:
     fused = o.get("fused", "auto")
     if fused != "auto" and not isinstance(fused, bool):
         raise ConfigError(f"{key}.fused", fused, "must be auto, true or false")
+    momentum = o.get("momentum", 0.9 if str(o.name).lower() == "sgd" else None)
+    if momentum is not None:
+        _fraction(f"{key}.momentum", momentum, "in [0, 1) (0: plain SGD)", high_open=True)
+    dampening = o.get("dampening", 0.0)
+    _fraction(f"{key}.dampening", dampening, "in [0, 1)", high_open=True)
+    nesterov = o.get("nesterov", False)
+    if not isinstance(nesterov, bool):
+        raise ConfigError(f"{key}.nesterov", nesterov, "must be true or false")
+    if nesterov and (not momentum or dampening):
+        raise ConfigError(
+            f"{key}.nesterov",
+            nesterov,
+            f"Nesterov momentum needs {key}.momentum > 0 and {key}.dampening = 0",
+        )
+    if str(scheduler).lower() == "multistep":
+        milestones = o.get("milestones")
+        ms = list(milestones) if isinstance(milestones, ListConfig | list) else None
+        ok = bool(ms) and all(isinstance(m, int) and not isinstance(m, bool) for m in ms)
+        ok = ok and ms[0] > 0 and all(a < b for a, b in itertools.pairwise(ms))
+        if not ok:
+            shown = ms if ms is not None else milestones
+            raise ConfigError(
+                f"{key}.milestones",
+                shown,
+                "must be a list of increasing epochs >= 1, e.g. [150, 180]",
+            )
+        decay = o.get("lr_decay", 0.1)
+        ok = isinstance(decay, int | float) and not isinstance(decay, bool) and 0 < decay <= 1
+        if not ok:
+            raise ConfigError(f"{key}.lr_decay", decay, "must be a number in (0, 1]")
+    ref = o.get("lr_reference_batch")
+    if ref is not None:
+        _positive_int(f"{key}.lr_reference_batch", ref)
 
 
 def _positive_int(key: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(key, value, "must be an integer >= 1")
+
+
+def _int_at_least(key: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(key, value, f"must be >= {low} (a whole number)")
+
+
+# Sizes fixed by the datasets themselves (for the split checks below).
+DIGITS_SAMPLES = 1797  # sklearn.datasets.load_digits: 1797 images of 10 classes
+CIFAR_TRAIN = 50000  # CIFAR-10/100 (Krizhevsky 2009): 50000 training images
+MNIST1D_CLASSES = 10  # mnist1d's templates: num_samples // 10 samples per class
+
+
+def check_dataset(d: DictConfig) -> None:
+    """Sizes, split fractions and seeds of the ``dataset`` group (the keys each dataset has)."""
+    _positive_int("dataset.batch_size", d.get("batch_size"))
+    if "eval_batch_size" in d:
+        _positive_int("dataset.eval_batch_size", d.eval_batch_size)
+    for name in ("val_size", "transfer_size", "split_seed", "seed", "transfer_seed"):
+        if name in d:
+            _int_at_least(f"dataset.{name}", d[name], 0)
+    for name in ("final_seq_length", "image_size", "decode_threads"):
+        if d.get(name) is not None:
+            _int_at_least(f"dataset.{name}", d[name], 0 if name == "decode_threads" else 1)
+    n_train = None
+    if "train_split" in d:
+        num = d.get("num_samples", 5000)
+        _int_at_least("dataset.num_samples", num, 20)
+        _fraction(
+            "dataset.train_split",
+            d.train_split,
+            "in (0, 1): the fraction of dataset.num_samples used for training (the rest tests)",
+            high_open=True,
+            low_open=True,
+        )
+        total = num // MNIST1D_CLASSES * MNIST1D_CLASSES
+        n_train = int(total * d.train_split)
+        if n_train < 1 or total - n_train < 1:
+            raise ConfigError(
+                "dataset.train_split",
+                d.train_split,
+                f"leaves {n_train} training and {total - n_train} test samples of "
+                f"dataset.num_samples={num}: both need at least one",
+            )
+    if "test_fraction" in d:
+        _fraction(
+            "dataset.test_fraction", d.test_fraction, "in (0, 1)", high_open=True, low_open=True
+        )
+        n_test = math.ceil(DIGITS_SAMPLES * d.test_fraction)  # sklearn's train_test_split
+        n_train = DIGITS_SAMPLES - n_test
+        if min(n_test, n_train) < 10:  # a stratified split needs one sample per class
+            raise ConfigError(
+                "dataset.test_fraction",
+                d.test_fraction,
+                f"leaves {n_train} training and {n_test} test samples of {DIGITS_SAMPLES}: "
+                "both need at least 10 (one per class)",
+            )
+    if str(d.get("_target_", "")).startswith("kdbench.data.cifar."):
+        n_train = CIFAR_TRAIN
+    if n_train is not None and d.get("val_size", 0) >= n_train:
+        raise ConfigError(
+            "dataset.val_size", d.val_size, f"must be smaller than the {n_train} training samples"
+        )
+    if d.get("transfer_size", 0) > 0 and "transfer_seed" in d and d.transfer_seed == d.get("seed"):
+        raise ConfigError(
+            "dataset.transfer_seed",
+            d.transfer_seed,
+            "must differ from dataset.seed, or the transfer set repeats the labelled data",
+        )
+
+
+def _pickle_strings(data: bytes) -> set[str]:
+    """The string constants of a pickle, read without running it (pickletools, not pickle)."""
+    import pickletools
+
+    out = set()
+    for op, arg, _ in pickletools.genops(data):
+        if isinstance(arg, str) and "UNICODE" in op.name:
+            out.add(arg)
+    return out
+
+
+def check_resume(value) -> None:
+    """``resume``: true, false, or the path of a Lightning checkpoint written by kdbench (a
+    torch zip archive whose pickle holds ``state_dict`` and ``loops``, read without unpickling
+    it), which loads with ``weights_only=True`` (as Lightning loads it: nothing in it runs).
+    Only a checkpoint path imports torch here."""
+    if value in (None, False, True):
+        return
+    if not isinstance(value, str):
+        raise ConfigError("resume", value, "must be true, false or a checkpoint path")
+    how = "give the last.ckpt in a run's checkpoints/ directory, or resume=true"
+    path = os.path.expanduser(value)
+    if not os.path.isfile(path):
+        raise ConfigError("resume", value, f"no such file: {how}")
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if len(pkl) != 1 or z.getinfo(pkl[0]).file_size > 256 << 20:
+                raise ValueError("no single data.pkl")
+            strings = _pickle_strings(z.read(pkl[0]))
+    except Exception:  # noqa: BLE001 - unreadable, not a zip, corrupt pickle: not a checkpoint
+        strings = set()
+    if not {"state_dict", "loops"} <= strings:
+        raise ConfigError("resume", value, f"not a Lightning checkpoint written by kdbench: {how}")
+    # What Lightning will do with it (torch.load, weights-only by default since torch 2.6), now
+    # rather than after the data and the teacher: a file that needs arbitrary code is refused.
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if "weights only load failed" in first.lower():
+            first = "it holds objects that would run code when loaded"
+        raise ConfigError(
+            "resume", value, f"cannot be loaded as a weights-only checkpoint ({first}): {how}"
+        ) from None
+
+
+SQLALCHEMY_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# SQLAlchemy's database drivers: the module each imports (a dialect's default first)
+DB_DRIVERS = {
+    "postgresql": "psycopg2",
+    "mysql": "MySQLdb",
+    "mssql": "pyodbc",
+    "psycopg2": "psycopg2",
+    "psycopg": "psycopg",
+    "pg8000": "pg8000",
+    "asyncpg": "asyncpg",
+    "mysqldb": "MySQLdb",
+    "pymysql": "pymysql",
+    "mysqlconnector": "mysql.connector",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+
+
+def _check_driver(key: str, uri: str, env: str = "") -> None:
+    """The database driver a ``dialect[+driver]://`` URL needs is installed (no connection)."""
+    import importlib.util
+
+    scheme = uri.split(":", 1)[0].lower()
+    dialect, _, driver = scheme.partition("+")
+    name = driver or dialect
+    module = DB_DRIVERS.get(name)
+    if module is None or dialect == "sqlite":
+        return
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            key,
+            uri,
+            f"needs the database driver {module!r}, which is not installed: pip install it, or "
+            f"name an installed one as {dialect}+<driver>://{env}",
+        )
+
+
+def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri") -> None:
+    """Cheap checks (no connection, no network) that MLflow can use ``uri``: an SQLite file in
+    an existing writable directory, a well-formed http(s) or database URL; MLflow 3 refuses
+    the file store (``file:`` or a bare path) unless ``MLFLOW_ALLOW_FILE_STORE`` is set."""
+    from urllib.parse import urlsplit
+
+    uri = str(uri or "").strip() or "sqlite:///mlflow.db"  # kdbench.tracking's default
+    env = " (from MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else ""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    base = scheme.split("+", 1)[0]
+    if base == "sqlite":
+        rest = uri.split(":", 1)[1]
+        if not rest.startswith("///"):
+            raise ConfigError(key, uri, f"an SQLite store is sqlite:///<file>{env}")
+        path = rest[3:].split("?", 1)[0]
+        if path in ("", ":memory:"):
+            raise ConfigError(key, uri, f"names no database file: sqlite:///mlflow.db{env}")
+        if path.startswith("file:"):  # SQLite URI filename (?uri=true): left to SQLite
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ConfigError(key, uri, f"the directory {folder} does not exist: create it{env}")
+        if os.path.isdir(path):
+            raise ConfigError(key, uri, f"{path} is a directory, not an SQLite file{env}")
+        if os.path.exists(path):
+            if not os.access(path, os.R_OK | os.W_OK):
+                raise ConfigError(key, uri, f"{path} is not readable and writable{env}")
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(16)
+            except OSError as exc:
+                raise ConfigError(key, uri, f"cannot read {path}: {exc.strerror}{env}") from None
+            if head and head != b"SQLite format 3\x00":
+                raise ConfigError(
+                    key, uri, f"{path} is not an SQLite database: name another file{env}"
+                )
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(key, uri, f"the directory {folder} is not writable{env}")
+        return
+    if base in ("http", "https"):
+        parts = urlsplit(uri)
+        try:
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            port_ok = False
+        if not parts.hostname or not port_ok or " " in uri:
+            raise ConfigError(key, uri, f"is not a well-formed {base} URL: http://host:5000{env}")
+        return
+    if base in SQLALCHEMY_SCHEMES or base == "databricks":
+        if base != "databricks" and not urlsplit(uri).hostname:
+            raise ConfigError(key, uri, f"names no database host: {base}://user:pw@host/db{env}")
+        _check_driver(key, uri, env)
+        return
+    if base == "file" or not scheme or (len(scheme) == 1 and os.name == "nt"):
+        allow = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower()
+        if allow not in ("1", "true", "yes"):
+            raise ConfigError(
+                key,
+                uri,
+                "MLflow 3 refuses its file store (./mlruns, file:): use a database such as "
+                f"sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true){env}",
+            )
+        return
+    raise ConfigError(
+        key,
+        uri,
+        f"unknown store scheme {scheme!r}: use sqlite:///mlflow.db, a database URL "
+        f"(postgresql://, mysql://, mssql://) or an MLflow server (http://, https://){env}",
+    )
+
+
+TUNE_DIRECTIONS = ("maximize", "minimize")
+TUNE_PRUNERS = ("median", "none")
+
+
+def check_tune(cfg: DictConfig) -> None:
+    """The ``tune`` group of ``python -m kdbench.tune`` (config only: before the study and its
+    MLflow parent run exist)."""
+    t = cfg.tune
+    _positive_int("tune.n_trials", t.get("n_trials"))
+    _int_at_least("tune.seed", t.get("seed"), 0)
+    _int_at_least("tune.n_startup_trials", t.get("n_startup_trials"), 0)
+    if t.get("direction") not in TUNE_DIRECTIONS:
+        raise ConfigError("tune.direction", t.get("direction"), "must be maximize or minimize")
+    pruner = t.get("pruner")
+    if pruner is not None and str(pruner) not in TUNE_PRUNERS:
+        raise ConfigError("tune.pruner", pruner, "must be median or none")
+    storage = str(t.get("storage") or "").strip()
+    scheme = storage.split(":", 1)[0].split("+", 1)[0].lower() if "://" in storage else ""
+    if scheme not in SQLALCHEMY_SCHEMES:
+        raise ConfigError(
+            "tune.storage",
+            storage,
+            "must be an SQLAlchemy URL such as sqlite:///optuna.db or "
+            "postgresql://user:password@host/db",
+        )
+    check_tracking_uri(storage, key="tune.storage")  # the same cheap checks as MLflow's store
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -67,9 +371,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("seed", cfg.seed, "must be an integer >= 0")
     _positive_int("trainer.max_epochs", cfg.trainer.get("max_epochs"))
     _positive_int("teacher.epochs", cfg.teacher.get("epochs"))
-    _positive_int("dataset.batch_size", cfg.dataset.get("batch_size"))
+    check_dataset(cfg.dataset)
     check_method(cfg.method)
     check_optim(cfg.optim, "optim")
     check_optim(cfg.teacher.optim, "teacher.optim")
-    if cfg.get("resume") not in (None, False, True) and not isinstance(cfg.resume, str):
-        raise ConfigError("resume", cfg.resume, "must be true, false or a checkpoint path")
+    check_resume(cfg.get("resume"))
+    check_tracking_uri(cfg.mlflow.get("tracking_uri"))
+    check_model_config(cfg)  # teacher/student keys and specs (kdbench/modelspec.py)

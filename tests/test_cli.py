@@ -50,7 +50,13 @@ def test_cli_run_records_a_finished_mlflow_run_in_the_working_directory(cwd, wor
     assert r.data.params["method.temperature"] == "4.0"
     assert "train/kd" in m and "train/ce" in m
     # nothing generated into the working directory but the MLflow store and Hydra's outputs
-    assert {p.name for p in cwd.iterdir()} <= {"mlflow.db", "outputs", "mlruns", "mlartifacts"}
+    assert {p.name for p in cwd.iterdir()} <= {
+        "mlflow.db",
+        "mlflow.db.lock",
+        "outputs",
+        "mlruns",
+        "mlartifacts",
+    }
 
 
 def test_help_and_cfg_job_work(cwd):
@@ -74,7 +80,7 @@ def test_multirun_sweep_runs_every_combination(cwd, workdir):
 
 
 BAD = [
-    (["trainer.accelerator=nosuch"], "are not valid for lightning.Trainer"),
+    (["trainer.accelerator=nosuch"], "trainer.accelerator='nosuch' is invalid: You selected"),
     (["method.temperature=0"], "method.temperature=0 is invalid: must be a finite number > 0"),
     (["method.temperature=-1"], "method.temperature=-1 is invalid"),
     (["method.alpha=-0.5"], "method.alpha=-0.5 is invalid: must be a finite number >= 0"),
@@ -143,12 +149,12 @@ def test_a_teacher_checkpoint_is_loaded_instead_of_training(cwd):
     assert runs[0].data.tags["teacher_source"] == "checkpoint"
 
 
-def test_unwritable_data_directory_is_a_clear_error(cwd):
+def test_unwritable_data_directory_costs_the_cache_not_the_run(cwd):
     blocker = cwd / "file"
     blocker.write_text("x")
     proc = run_cli(f"dataset.data_dir={blocker}/data", "dataset.seed=4242", cwd=cwd)
-    assert proc.returncode == 2
-    assert "cannot write the data cache in dataset.data_dir" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"could not save the data cache entry to {blocker}/data/" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -237,4 +237,11 @@ def _classes(root: Path) -> list[str]:
             f"image folder {root}: val/ and train/ have different class folders (only in "
             f"train/: {only_t[:5]}, only in val/: {only_v[:5]}): use the same class names in both"
         )
+    if len(train) < 2:  # one class: every model is 100 % right, nothing to learn or compare
+        raise ConfigError(
+            "dataset.root",
+            str(root),
+            f"the image folder has {len(train)} class ({train[0]}): a classification needs at "
+            "least 2 class subfolders in train/ and val/",
+        )
     return train
