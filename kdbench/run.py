@@ -7,7 +7,9 @@ untrained models on a dummy batch).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdbench.errors import ConfigError, KdbenchError
+from kdbench.errors import ConfigError, Interrupted, KdbenchError, mask_credentials
 
 
 @dataclass
@@ -53,20 +55,18 @@ def _container(node) -> dict:
 
 
 def build_network(spec: DictConfig, dm, role: str):
-    """A registered model from a teacher/student spec, wrapped with its feature taps."""
-    from kdbench.models import create_model
+    """The network of a teacher/student spec (a registered ``arch`` or a user's ``_target_``,
+    see :func:`kdbench.models.build_from_spec`), wrapped with its feature taps."""
+    from kdbench.models import build_from_spec
     from kdbench.taps import TappedModel, resolve_taps
 
-    kwargs = _container(spec.get("kwargs"))
-    model = create_model(
-        spec.arch, num_classes=dm.num_classes, input_shape=dm.input_shape, **kwargs
-    )
+    model = build_from_spec(spec, dm.num_classes, dm.input_shape, role)
     return TappedModel(model, resolve_taps(model, _container(spec.get("taps")), role))
 
 
 def build_model(cfg: DictConfig, role: str, dm):
     """The network for ``role`` ('teacher' or 'student'); an ensemble builds all members."""
-    if role == "teacher" and cfg.teacher.arch == "ensemble":
+    if role == "teacher" and cfg.teacher.get("arch") == "ensemble":
         from kdbench.teacher import build_ensemble
 
         return build_ensemble(cfg, dm, lambda spec: build_network(spec, dm, "teacher"))
@@ -79,6 +79,7 @@ def attach_method(method, student, teacher, cfg: DictConfig, dm, roles=("student
     ``roles`` name the configs the two models come from (for the error messages)."""
     import torch
 
+    from kdbench.modelspec import model_name
     from kdbench.teacher import EnsembleTeacher
 
     if method.term is None or method.beta == 0:
@@ -96,7 +97,7 @@ def attach_method(method, student, teacher, cfg: DictConfig, dm, roles=("student
     with torch.no_grad():
         s, t = student(x, method.taps), teacher(x, method.taps)
     student.train(modes[0]), teacher.train(modes[1])
-    names = [str(cfg[r].get("name", cfg[r].arch)) if r in cfg else r for r in roles]
+    names = [model_name(cfg[r]) if r in cfg else r for r in roles]
     method.term.build(cfg.method.name, s, t, *names)
 
 
@@ -154,15 +155,35 @@ def make_trainer(cfg: DictConfig, root: Path, **overrides):
     """A ``lightning.Trainer`` from the ``trainer`` group; a bad option is a one-line error."""
     import lightning as L
 
+    from kdbench import progress
+
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(overrides)
+    kwargs = progress.trainer_options(kwargs)  # plain epoch lines / bar / none
     try:
         return L.Trainer(default_root_dir=str(root), **kwargs)
     except Exception as exc:  # noqa: BLE001 - unknown keyword, unavailable accelerator, ...
+        import re
+
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdbenchError(
-            f"the trainer options {kwargs} are not valid for lightning.Trainer: {first}"
-        ) from None
+        user = OmegaConf.to_container(cfg.trainer, resolve=True)
+        named = re.search(r"unexpected keyword argument '(\w+)'", first)
+        key = named.group(1) if named else None
+        if key is None:  # the option the message names (Lightning quotes the key or its value)
+            hits = [k for k in user if re.search(rf"\b{re.escape(k)}=", first)]
+            hits += [k for k in user if re.search(rf"\b{re.escape(k)}\b", first)]
+            hits += [k for k, v in user.items() if isinstance(v, str) and f"'{v}'" in first]
+            key = hits[0] if hits else None
+        hint = (
+            "not an option of lightning.Trainer: remove it or fix its name"
+            if named
+            else "see lightning.Trainer's documentation for the values it takes"
+        )
+        if key is None:
+            raise KdbenchError(
+                f"the trainer options are not valid for lightning.Trainer: {first}"
+            ) from None
+        raise ConfigError(f"trainer.{key}", user.get(key), f"{first} ({hint})") from None
 
 
 def _output_dir() -> Path:
@@ -177,14 +198,26 @@ def _output_dir() -> Path:
 class Runner:
     """Fits and tests scheme modules of one experiment into one MLflow run."""
 
-    def __init__(
-        self, cfg: DictConfig, dm, root: Path, logger, callbacks=(), resume_from=None
-    ) -> None:
+    def __init__(self, cfg: DictConfig, dm, root: Path, logger, callbacks=(), resume=None) -> None:
+        from kdbench.tracking import Resume
+
         self.cfg, self.dm, self.root, self.logger = cfg, dm, root, logger
         self.callbacks = list(callbacks)
-        self.resume_from = resume_from  # a checkpoint of the (single) fit to continue
+        self.resume = resume or Resume()  # what a resumed run continues (checkpoints, done fits)
         self.artifacts = root / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str, metrics: dict[str, float]) -> None:
+        """Record that the fit ``name`` of a multi-fit run finished: its metrics, and the path of
+        its last-epoch student weights, so that a resumed run skips it (``resume.done``)."""
+        from kdbench import tracking
+
+        if self.logger:
+            self.logger.log_metrics(metrics)
+            weights = (self.artifacts / f"{name}_student.pt").resolve()
+            self.logger.experiment.set_tag(
+                self.logger.run_id, f"{tracking.DONE_TAG}_{name}", str(weights)
+            )
 
     def fit_and_test(self, module, student_model, name: str = "") -> dict[str, float]:
         """Fit ``module``; test the last epoch (``test/acc`` ...) and the best validation epoch
@@ -196,8 +229,12 @@ class Runner:
         from kdbench import tracking
         from kdbench.methods import Term
 
+        # a resumed fit goes on writing where it was: its best checkpoint (and Lightning's record
+        # of it, which is dropped when the directory changes) stays the best-epoch candidate
+        resume = self.resume.checkpoint(name)
+        ckpt_dir = Path(resume).parent if resume else self.root / "checkpoints" / (name or "run")
         ckpt = ModelCheckpoint(
-            dirpath=self.root / "checkpoints" / (name or "run"),
+            dirpath=ckpt_dir,
             filename="best",
             monitor="val/acc",
             mode="max",
@@ -214,10 +251,9 @@ class Runner:
                 term.bind_data(self.dm)
         module.tag_prefix = prefix
         if self.logger:
-            last = (self.root / "checkpoints" / (name or "run") / "last.ckpt").resolve()
-            tag = tracking.CHECKPOINT_TAG + (f"_{name}" if name else "")
+            last = (ckpt_dir / "last.ckpt").resolve()
+            tag = tracking.checkpoint_tag(name)
             self.logger.experiment.set_tag(self.logger.run_id, tag, str(last))
-        resume, self.resume_from = self.resume_from, None  # only the first fit resumes
         trainer.fit(module, datamodule=self.dm, ckpt_path=resume)
         # metrics come through trainer.callback_metrics: a spawned/forked DDP fit runs in other
         # processes, whose module attributes never reach this one
@@ -259,6 +295,32 @@ def test_metrics(trainer, best: bool) -> dict[str, float]:
     }
 
 
+class _StopOnSignal:
+    """SIGINT and SIGTERM stop a run as an interrupt (KeyboardInterrupt), wherever it is (data,
+    teacher, fit, test, logging), and remember the signal: the run is then marked KILLED, not
+    FAILED, and the process exits non-zero. (Lightning alone turns SIGTERM into a SystemExit
+    with code 0 at the end of the current batch.) Lightning adds its own SIGTERM handler during
+    a fit and calls this one after it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, object] = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (a threaded launcher): leave signals be
+                break
+
+    def _handle(self, signum, _frame) -> None:
+        if self.received is None:
+            self.received = signum
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
 def run(
     cfg: DictConfig, callbacks=(), tags: dict[str, str] | None = None, root: Path | None = None
 ) -> dict[str, float]:
@@ -274,43 +336,68 @@ def run(
 
     from kdbench import tracking
     from kdbench.models import count_parameters
+    from kdbench.stores import prepare_mlflow
     from kdbench.teacher import resolve_teacher
 
     root = Path(root) if root is not None else _output_dir()
-    ctx.dm.prepare_data()
-    ctx.dm.setup()
-    if ctx.scheme.needs_pretrained_teacher:
-        ctx.info["teacher"] = resolve_teacher(cfg, ctx.dm, ctx.teacher, root)
-
+    # the store is opened (its schema and the experiment created under a lock: runs starting
+    # together on a fresh store would race) before any data or teacher work
+    prepare_mlflow(tracking.tracking_uri(cfg), str(cfg.mlflow.experiment))
     digest = tracking.config_hash(cfg)
-    run_id, resume_from = tracking.find_resume(cfg, digest) if cfg.get("resume") else (None, None)
-    tags = {**(tags or {}), tracking.HASH_TAG: digest}
-    logger = tracking.make_logger(cfg, ctx.scheme.student_role, tags, run_id=run_id)
+    resume = None
+    if cfg.get("resume"):  # before any work: a resume that cannot be done is refused now
+        resume = tracking.find_resume(cfg, digest, ctx.scheme.fit_names(cfg))
+    stop = _StopOnSignal()
+    logger = None
     try:
+        ctx.dm.prepare_data()
+        ctx.dm.setup()
+        if ctx.scheme.needs_pretrained_teacher:
+            ctx.info["teacher"] = resolve_teacher(cfg, ctx.dm, ctx.teacher, root)
+        tags = {**(tags or {}), tracking.HASH_TAG: digest}
+        run_id = resume.run_id if resume else None
+        logger = tracking.make_logger(cfg, ctx.scheme.student_role, tags, run_id=run_id)
         tracking.log_config(logger, cfg)
-        runner = Runner(cfg, ctx.dm, root, logger, callbacks, resume_from=resume_from)
+        runner = Runner(cfg, ctx.dm, root, logger, callbacks, resume=resume)
         metrics = ctx.scheme.execute(ctx, runner)
         metrics["student/params"] = count_parameters(ctx.student.model)
         metrics["teacher/params"] = count_parameters(ctx.teacher.model)
         if cfg.efficiency.enabled:
             from kdbench.efficiency import compare
+            from kdbench.progress import say
 
+            say(f"measuring efficiency on {cfg.efficiency.device}")
             metrics.update(compare(ctx.student, ctx.teacher, ctx.dm.input_shape, cfg.efficiency))
         metrics["aux/params"] = count_parameters(ctx.method) + ctx.info.get("aux_params", 0)
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
-        source = ctx.info.get("teacher", {}).get("source", "none")
-        logger.experiment.set_tag(logger.run_id, "teacher_source", source)
-        (runner.artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        teacher_info = ctx.info.get("teacher", {})
+        logger.experiment.set_tag(
+            logger.run_id, "teacher_source", teacher_info.get("source", "none")
+        )
+        for key in ("epoch", "accuracy"):  # what a published checkpoint says of itself
+            if key in teacher_info:
+                logger.experiment.set_tag(
+                    logger.run_id, f"teacher_checkpoint_{key}", teacher_info[key]
+                )
+        config_text = mask_credentials(OmegaConf.to_yaml(cfg, resolve=True))
+        (runner.artifacts / "config.yaml").write_text(config_text)
         for path in sorted(runner.artifacts.iterdir()):
             logger.experiment.log_artifact(logger.run_id, str(path))
         tracking.set_status(logger, "FINISHED")
     except BaseException as exc:
         pruned = type(exc).__name__ == "TrialPruned"
-        tracking.set_status(logger, "KILLED" if pruned else "FAILED")
-        exc.kdbench_run_id = logger.run_id
+        signum = stop.received or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None)
+        if logger is not None:
+            exc.kdbench_run_id = logger.run_id
+            with contextlib.suppress(Exception):  # e.g. a full store: the cause is reported
+                tracking.set_status(logger, "KILLED" if pruned or signum else "FAILED")
+        if signum:
+            raise Interrupted(signum) from None
         if isinstance(exc, torch.OutOfMemoryError):
             raise KdbenchError("out of memory: lower dataset.batch_size") from exc
         raise
+    finally:
+        stop.restore()
     metrics["run_id"] = logger.run_id
     if os.environ.get("KDBENCH_PRINT_METRICS", "1") == "1":
         shown = ", ".join(

@@ -8,10 +8,10 @@ with the recipe keys it leaves out taken from ``teacher``): ``arch``, ``kwargs``
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdbench.cachefile import file_lock
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.metrics import ensemble_logits
+from kdbench.models import model_id, model_name, source_digest, target_of
 from kdbench.taps import Outputs
 
 CACHE_VERSION = 3  # 2: epoch order a function of (seed, epoch); 3: fused optimizer kernels
@@ -54,7 +56,7 @@ def _plain(node) -> dict:
 def teacher_key(spec: DictConfig, dm, precision: str) -> str:
     what = {
         "version": CACHE_VERSION,
-        "arch": spec.arch,
+        "arch": spec.get("arch"),
         "kwargs": _plain(spec.get("kwargs")),
         "data": dm.cache_key(),
         "batch_size": spec.batch_size,
@@ -63,6 +65,8 @@ def teacher_key(spec: DictConfig, dm, precision: str) -> str:
         "seed": spec.seed,
         "precision": precision,
     }
+    if target_of(spec) is not None:  # a user's model: its class or factory, its module's source
+        what.update(target=target_of(spec), source=source_digest(target_of(spec), "teacher"))
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,48 +78,32 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str) -> dic
             f"teacher.checkpoint={str(path)!r} does not exist: give the path of a saved state dict"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # RepDistiller's *_last.pth also holds its argparse options (plain values, no code)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KdbenchError(
             f"teacher.checkpoint={str(path)!r} is not a readable weights-only PyTorch checkpoint "
             f"({first[:200]}): save it with torch.save(model.state_dict(), path)"
         ) from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise KdbenchError(
-            f"teacher.checkpoint={str(path)!r} holds no state dict: save model.state_dict()"
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        missing, unexpected = (
-            set(model.state_dict()) - set(state),
-            set(state) - set(model.state_dict()),
-        )
-        detail = (
-            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-            if missing or unexpected
-            else str(exc).splitlines()[1].strip()[:200]
-        )
-        raise KdbenchError(
-            f"teacher.checkpoint={str(path)!r} does not fit teacher.arch={arch} ({detail}): "
-            "use a checkpoint of that architecture or set teacher.arch/teacher.kwargs to match it"
-        ) from None
-    return obj.get("meta", {}) if isinstance(obj, dict) else {}
+    # a plain state dict, kdbench's {'state_dict', 'meta'} or RepDistiller/mdistiller's
+    # {'model', 'epoch', 'accuracy', ...}: kdbench/checkpoints.py maps the reference key names
+    from kdbench.checkpoints import load_state, split_checkpoint
+
+    what = f"teacher.checkpoint={str(path)!r}"
+    state, meta = split_checkpoint(obj, what)
+    load_state(model, state, arch, what)
+    return meta
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> None:
-    """Write atomically: a crash leaves the old file or none, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> bool:
+    """Write atomically: a crash leaves the old file or none, never half of one. False (after a
+    notice) where it cannot be written: the run goes on with the teacher in memory."""
+    from kdbench.cachefile import atomic_write
+
+    state = {"state_dict": model.state_dict(), "meta": meta}
+    return atomic_write(path, lambda f: torch.save(state, f), "trained teacher")
 
 
 def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root: Path) -> dict:
@@ -160,27 +148,45 @@ def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root:
     }
 
 
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def resolve_one(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root: Path) -> dict:
     """Fill ``model`` with the weights of the teacher ``spec``; return where they came from."""
     if spec.get("checkpoint"):
-        meta = load_checkpoint(spec.checkpoint, model, spec.arch)
+        meta = load_checkpoint(spec.checkpoint, model, model_id(spec))
         return {"source": "checkpoint", "path": str(spec.checkpoint), **meta}
     key = teacher_key(spec, dm, str(cfg.trainer.get("precision", "32")))
     path = (
         Path(os.path.expanduser(str(cfg.cache_dir)))
         / "teachers"
-        / (f"{cfg.dataset.name}-{spec.arch}-{key}.pt")
+        / (f"{cfg.dataset.name}-{model_name(spec)}-{key}.pt")
     )
     if path.exists():
         try:
-            meta = load_checkpoint(path, model, spec.arch)
+            meta = load_checkpoint(path, model, model_id(spec))
             return {"source": "cache", "path": str(path), **meta}
         except KdbenchError as exc:
             print(f"kdbench: retraining the teacher over an unusable cache entry ({exc})")
-    print(f"kdbench: training teacher {spec.arch} (not cached yet; saved to {path})")
-    meta = train_teacher(cfg, spec, dm, model, root)
-    save_checkpoint(path, model, meta)
-    return {"source": "trained", "path": str(path), **meta}
+    # one process trains a teacher that several need at once; the others wait, then load it
+    waiting = f"kdbench: waiting for another process training the same teacher ({path})"
+    seen = _identity(path)
+    with file_lock(path, waiting):
+        if _identity(path) not in (None, seen):  # written by the process that held the lock
+            try:
+                meta = load_checkpoint(path, model, model_id(spec))
+                return {"source": "cache", "path": str(path), **meta}
+            except KdbenchError as exc:
+                print(f"kdbench: retraining the teacher over an unusable cache entry ({exc})")
+        print(f"kdbench: training teacher {model_name(spec)} (not cached yet; saved to {path})")
+        meta = train_teacher(cfg, spec, dm, model, root)
+        saved = save_checkpoint(path, model, meta)
+    return {"source": "trained", "path": str(path) if saved else None, **meta}
 
 
 def resolve_teacher(cfg: DictConfig, dm, teacher, root: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,17 +23,21 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
 
 
 def run_tags(cfg: DictConfig, student_role: str = "student") -> dict[str, str]:
+    """``teacher``/``student``: the network (a registered arch, or a user model's ``_target_``);
+    ``*_config``: the name it goes by (the leaderboard's rows, see kdbench.models.model_name)."""
+    from kdbench.modelspec import model_id, model_name
+
     student = cfg[student_role]
     return {
         "method": str(cfg.method.name),
         "knowledge": str(cfg.method.knowledge),
         "scheme": str(cfg.scheme.name),
-        "teacher": str(cfg.teacher.arch),
-        "student": str(student.arch),
+        "teacher": model_id(cfg.teacher),
+        "student": model_id(student),
         "dataset": str(cfg.dataset.name),
         "seed": str(cfg.seed),
-        "student_config": str(student.get("name", student.arch)),
-        "teacher_config": str(cfg.teacher.get("name", cfg.teacher.arch)),
+        "student_config": model_name(student),
+        "teacher_config": model_name(cfg.teacher),
     }
 
 
@@ -41,18 +46,39 @@ def tracking_uri(cfg: DictConfig) -> str:
     return str(cfg.mlflow.tracking_uri or "").strip() or DEFAULT_TRACKING_URI
 
 
+def run_name(cfg: DictConfig, student_role: str = "student", tags: dict | None = None) -> str:
+    """What the run is, as MLflow's run name: ``kd cnn1d->mlp offline s0`` (``... trial 3`` for
+    a tuning trial), so the runs table reads without opening each run."""
+    t = run_tags(cfg, student_role)
+    name = f"{t['method']} {t['teacher_config']}->{t['student_config']} {t['scheme']} s{t['seed']}"
+    trial = (tags or {}).get("trial")
+    return f"{name} trial {trial}" if trial is not None else name
+
+
 def make_logger(
     cfg: DictConfig, student_role: str = "student", tags: dict | None = None, run_id=None
 ):
     """Lightning's MLFlowLogger on ``mlflow.tracking_uri`` (default ``sqlite:///mlflow.db``);
-    ``run_id`` reopens an existing run (resume)."""
+    ``run_id`` reopens an existing run (resume).
+
+    Lightning's logger ends the MLflow run (FINISHED) whenever a fit or a test ends; kdbench ends
+    it itself, once everything the run records is recorded, so this logger's ``finalize`` leaves
+    the run's status alone: a run killed between its fit and its last artifact stays
+    unfinished (and resumable), and a born-again run is not FINISHED between generations."""
     from lightning.pytorch.loggers import MLFlowLogger
 
-    logger = MLFlowLogger(
+    class _Logger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:  # kdbench sets the status
+            pass
+
+    name = cfg.mlflow.get("run_name")
+    all_tags = {**run_tags(cfg, student_role), **(tags or {})}
+    all_tags["pair"] = f"{all_tags['teacher_config']}->{all_tags['student_config']}"
+    logger = _Logger(
         experiment_name=str(cfg.mlflow.experiment),
-        run_name=None if cfg.mlflow.get("run_name") is None else str(cfg.mlflow.run_name),
+        run_name=str(name) if name is not None else run_name(cfg, student_role, tags),
         tracking_uri=tracking_uri(cfg),
-        tags={**run_tags(cfg, student_role), **(tags or {})},
+        tags=all_tags,
         log_model=False,
         run_id=run_id,
     )
@@ -73,11 +99,47 @@ def config_hash(cfg: DictConfig) -> str:
 
 CHECKPOINT_TAG = "kdbench_checkpoint"  # the run's last-epoch checkpoint (full training state)
 HASH_TAG = "kdbench_config_hash"
+DONE_TAG = "kdbench_done"  # kdbench_done_<fit>: a finished fit of a multi-fit run (its weights)
 
 
-def find_resume(cfg: DictConfig, digest: str) -> tuple[str | None, str | None]:
-    """``(MLflow run id, checkpoint path)`` to continue for ``resume``: the latest unfinished run
-    of the same config (resume=true) or the run that wrote the checkpoint given as a path."""
+def checkpoint_tag(name: str = "") -> str:
+    """The tag holding the last.ckpt of the fit ``name`` ("" for a run's single fit)."""
+    return CHECKPOINT_TAG + (f"_{name}" if name else "")
+
+
+@dataclass
+class Resume:
+    """What ``resume`` continues: an MLflow run (its id, tags and metrics; None when a
+    checkpoint path belongs to no run of this store) and, for ``resume=PATH``, that checkpoint."""
+
+    run_id: str | None = None
+    tags: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    path: str | None = None
+
+    def checkpoint(self, name: str = "") -> str | None:
+        """The checkpoint the fit ``name`` continues from (None: start it from scratch)."""
+        import os
+
+        if self.path is not None:
+            return (
+                self.path if self.tags.get(checkpoint_tag(name), self.path) == self.path else None
+            )
+        ckpt = self.tags.get(checkpoint_tag(name))
+        return ckpt if ckpt and os.path.isfile(ckpt) else None
+
+    def done(self, name: str) -> str | None:
+        """The saved weights of the fit ``name`` if it finished before the run was stopped."""
+        import os
+
+        weights = self.tags.get(f"{DONE_TAG}_{name}")
+        return weights if weights and os.path.isfile(weights) else None
+
+
+def find_resume(cfg: DictConfig, digest: str, fit_names=("",)) -> Resume | None:
+    """What ``resume`` continues: the latest unfinished run of the same config (resume=true), or
+    the run that wrote the checkpoint given as a path (``fit_names``: the fits of a run, whose
+    checkpoint tags are searched). None: nothing to continue, start a new run."""
     import os
 
     from mlflow.tracking import MlflowClient
@@ -93,12 +155,27 @@ def find_resume(cfg: DictConfig, digest: str) -> tuple[str | None, str | None]:
                 f"resume={cfg.resume!r} does not exist: give the last.ckpt in a run's "
                 "checkpoints/ directory, or resume=true to find it from MLflow"
             )
-        runs = (
-            client.search_runs([exp.experiment_id], f"tags.{CHECKPOINT_TAG} = '{path}'")
-            if exp
-            else []
-        )
-        return (runs[0].info.run_id if runs else None), path
+        for name in fit_names if exp else ():
+            runs = client.search_runs(
+                [exp.experiment_id], f"tags.{checkpoint_tag(name)} = '{path}'", max_results=1
+            )
+            if runs:
+                run = runs[0]
+                if run.info.status == "FINISHED":
+                    raise KdbenchError(
+                        f"resume={cfg.resume!r} is the checkpoint of MLflow run "
+                        f"{run.info.run_id}, which is FINISHED: nothing to resume (run without "
+                        "resume to start a new run)"
+                    )
+                print(f"kdbench: resuming MLflow run {run.info.run_id} from {path}")
+                return Resume(run.info.run_id, dict(run.data.tags), dict(run.data.metrics), path)
+        if len(fit_names) > 1:
+            raise KdbenchError(
+                f"resume={cfg.resume!r} belongs to no unfinished run of this store: a run of "
+                "several fits resumes with resume=true"
+            )
+        print(f"kdbench: starting a new MLflow run from the checkpoint {path}")
+        return Resume(path=path)
     runs = []
     if exp is not None:
         runs = client.search_runs(
@@ -109,21 +186,34 @@ def find_resume(cfg: DictConfig, digest: str) -> tuple[str | None, str | None]:
         )
     if not runs:
         print("kdbench: resume=true: no unfinished run of this config; starting a new run")
-        return None, None
+        return None
     run = runs[0]
-    ckpt = run.data.tags.get(CHECKPOINT_TAG)
-    if ckpt and os.path.isfile(ckpt):
-        print(f"kdbench: resuming MLflow run {run.info.run_id} from {ckpt}")
-        return run.info.run_id, ckpt
-    print(f"kdbench: resuming MLflow run {run.info.run_id} from the start (no checkpoint yet)")
-    return run.info.run_id, None
+    resume = Resume(run.info.run_id, dict(run.data.tags), dict(run.data.metrics))
+    ckpts = [resume.checkpoint(n) for n in fit_names if resume.checkpoint(n)]
+    where = f"from {ckpts[-1]}" if ckpts else "from the start (no checkpoint yet)"
+    print(f"kdbench: resuming MLflow run {run.info.run_id} ({run.info.status}) {where}")
+    return resume
+
+
+NOT_PARAMS = ("resume",)  # how a run was started, not what it is (a resumed run logs again)
 
 
 def log_config(logger, cfg: DictConfig) -> None:
+    """The resolved config as params, flattened; credentials in URLs masked."""
+    from kdbench.errors import mask_credentials
+
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    logger.log_hyperparams({k: ("null" if v is None else v) for k, v in params.items()})
+    for key in NOT_PARAMS:
+        params.pop(key, None)
+    logger.log_hyperparams(
+        {
+            k: ("null" if v is None else mask_credentials(v) if isinstance(v, str) else v)
+            for k, v in params.items()
+        }
+    )
 
 
 def set_status(logger, status: str) -> None:
-    """Mark the run FINISHED or FAILED (a failed run never counts as a result)."""
+    """Mark the run FINISHED (everything recorded), FAILED (never counts as a result) or KILLED
+    (stopped by a signal or pruned; resumable)."""
     logger.experiment.set_terminated(logger.run_id, status)

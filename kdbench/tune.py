@@ -10,14 +10,22 @@ MLflow run nested under one parent run per study, tagged with its trial number a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kdbench.cli import config_dir
-from kdbench.errors import ConfigError, KdbenchError, run_or_exit
+from kdbench.cli import config_dir, sweep_main
+from kdbench.errors import (
+    ConfigError,
+    KdbenchError,
+    mask_credentials,
+    quiet_store_logs,
+    run_or_exit,
+)
+from kdbench.validate import check_tune
 
 PARAM_KEYS = {
     "temperature": "method.temperature",
@@ -30,8 +38,9 @@ PARAM_KEYS = {
 def study_name(cfg: DictConfig) -> str:
     if cfg.tune.get("study_name"):
         return str(cfg.tune.study_name)
-    t = cfg.teacher.get("name", cfg.teacher.arch)
-    s = cfg.student.get("name", cfg.student.arch)
+    from kdbench.modelspec import model_name
+
+    t, s = model_name(cfg.teacher), model_name(cfg.student)
     return f"{cfg.dataset.name}-{t}-{s}-{cfg.scheme.name}-{cfg.method.name}"
 
 
@@ -82,31 +91,122 @@ class PruningCallback:
         return _Callback()
 
 
-def _parent_run(client, experiment: str, name: str) -> str:
-    """The study's parent MLflow run: found again on resume, created the first time."""
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    found = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`kdbench.study` = '{name}' and tags.`kdbench.role` = 'study'",
-        max_results=1,
-    )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(
-        exp_id, run_name=f"study {name}", tags={"kdbench.study": name, "kdbench.role": "study"}
-    )
-    return run.info.run_id
+def _parent_run(client, exp_id: str, name: str) -> str:
+    """The study's parent MLflow run: found again (and reopened: RUNNING) by a later worker or
+    run of the command, created the first time (once, when workers start together)."""
+    from kdbench.stores import store_lock
+
+    def parents():
+        return client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`kdbench.study` = '{name}' and tags.`kdbench.role` = 'study'",
+            order_by=["attributes.start_time ASC"],
+        )
+
+    with store_lock(client.tracking_uri):  # SQLite: one worker checks and creates at a time
+        found = parents()
+        if not found:
+            run = client.create_run(
+                exp_id,
+                run_name=f"study {name}",
+                tags={"kdbench.study": name, "kdbench.role": "study"},
+            )
+            found = parents()  # another database: the oldest of those created at once wins
+            for r in found[1:]:
+                if r.info.run_id == run.info.run_id:
+                    client.delete_run(run.info.run_id)
+    if found[0].info.status != "RUNNING":
+        client.update_run(found[0].info.run_id, status="RUNNING")
+    return found[0].info.run_id
+
+
+def _stale_trial_runs(client, exp_id: str):
+    """``on_stale(study, trial)`` for the storage: the MLflow run of a trial whose worker was
+    killed (Optuna marks the trial FAIL) becomes KILLED, tagged ``trial_state=FAIL``."""
+
+    def on_stale(study, trial) -> None:
+        runs = client.search_runs(
+            [exp_id],
+            filter_string=(
+                f"tags.`kdbench.study` = '{study.study_name}' and tags.trial = '{trial.number}'"
+            ),
+        )
+        for r in runs:
+            client.set_tag(r.info.run_id, "trial_state", "FAIL")
+            if r.info.status == "RUNNING":
+                client.set_terminated(r.info.run_id, "KILLED")
+        print(
+            f"kdbench.tune: trial {trial.number} of study {study.study_name} was left running "
+            "by a worker that stopped: marked FAIL (its MLflow run KILLED)"
+        )
+
+    return on_stale
+
+
+def _end_parent(client, parent: str, study, status: str) -> None:
+    """End the study's parent run with ``status``, unless another worker still runs a trial
+    (the last worker to stop ends it)."""
+    import optuna
+
+    from kdbench.stores import fail_stale_trials
+
+    fail_stale_trials(study)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not running:
+        client.set_terminated(parent, status)
 
 
 def tune(cfg: DictConfig) -> dict:
-    """Run ``tune.n_trials`` more trials of the study; return a summary of its best trial."""
+    """Run ``tune.n_trials`` more trials of the study; return a summary of its best trial.
+
+    The study's parent MLflow run ends FINISHED when this worker ends normally and the study's
+    other workers have stopped, FAILED when it fails, KILLED when SIGINT or SIGTERM stops it
+    (the process then exits with 128 + the signal's number); a later worker reopens it."""
+    import signal
+
+    from kdbench.errors import Interrupted
+
+    held: dict = {}
+    received: list[int] = []
+
+    def handle(signum, frame):  # between trials too: Optuna fails the trial it is in and stops
+        received.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[signum] = signal.signal(signum, handle)
+        except ValueError:  # not the main thread: leave signals be
+            pass
+    try:
+        summary = _tune(cfg, held)
+    except BaseException as exc:
+        stop = isinstance(exc, KeyboardInterrupt | Interrupted)
+        if "parent" in held:
+            with contextlib.suppress(Exception):  # the error that ended the worker comes first
+                _end_parent(**held, status="KILLED" if stop else "FAILED")
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(received[-1] if received else signal.SIGINT) from None
+        raise
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+    _end_parent(**held, status="FINISHED")
+    return summary
+
+
+def _tune(cfg: DictConfig, held: dict) -> dict:
+    """The work of :func:`tune`; ``held`` receives the MLflow client, parent run and study."""
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from kdbench.errors import Interrupted
     from kdbench.run import _output_dir, prepare, run
+    from kdbench.stores import fail_stale_trials, optuna_storage, prepare_mlflow
     from kdbench.tracking import DEFAULT_TRACKING_URI
 
+    check_tune(cfg)  # before the study and its MLflow parent run exist
     space = search_space(cfg)
     prepare(cfg)  # the base configuration is valid before any trial starts
     name = study_name(cfg)
@@ -120,9 +220,19 @@ def tune(cfg: DictConfig) -> dict:
         pruner = optuna.pruners.NopPruner()
     else:
         raise ConfigError("tune.pruner", cfg.tune.pruner, "must be median or none")
+    uri = str(cfg.mlflow.tracking_uri or "").strip() or DEFAULT_TRACKING_URI
+    heartbeat = cfg.tune.get("heartbeat_s", 30)
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
+        raise ConfigError("tune.heartbeat_s", heartbeat, "must be a whole number of seconds >= 1")
+    exp_id = prepare_mlflow(uri, str(cfg.mlflow.experiment))
+    client = MlflowClient(tracking_uri=uri)
     try:
         study = optuna.create_study(
-            storage=str(cfg.tune.storage),
+            storage=optuna_storage(
+                str(cfg.tune.storage),
+                heartbeat_s=heartbeat,
+                on_stale=_stale_trial_runs(client, exp_id),
+            ),
             study_name=name,
             direction=str(cfg.tune.direction),
             sampler=sampler,
@@ -130,11 +240,16 @@ def tune(cfg: DictConfig) -> dict:
             load_if_exists=True,
         )
     except Exception as exc:  # noqa: BLE001 - bad URL, driver missing, unreachable database
-        raise KdbenchError(f"cannot open tune.storage={cfg.tune.storage!r}: {exc}") from None
-    uri = str(cfg.mlflow.tracking_uri or "").strip() or DEFAULT_TRACKING_URI
-    client = MlflowClient(tracking_uri=uri)
-    parent = _parent_run(client, str(cfg.mlflow.experiment), name)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise KdbenchError(  # never the password: the URL and the driver's message are masked
+            f"cannot open tune.storage={mask_credentials(str(cfg.tune.storage))!r}: "
+            f"{mask_credentials(first)}"
+        ) from None
+    fail_stale_trials(study)  # trials of killed workers: FAIL, their MLflow runs KILLED
+    parent = _parent_run(client, exp_id, name)
+    held.update(client=client, parent=parent, study=study)
     root = _output_dir()
+    stopped: list[BaseException] = []
 
     def objective(trial) -> float:
         trial_cfg = copy.deepcopy(cfg)
@@ -154,6 +269,9 @@ def tune(cfg: DictConfig) -> dict:
             state = "PRUNED" if isinstance(exc, optuna.TrialPruned) else "FAIL"
             if run_id:
                 client.set_tag(run_id, "trial_state", state)
+            if isinstance(exc, Interrupted):  # a signal stopped the trial: stop the study too
+                stopped.append(exc)
+                trial.study.stop()
             raise
         client.set_tag(metrics["run_id"], "trial_state", "COMPLETE")
         for key in ("test/acc", "test/acc_best", "run_id"):
@@ -161,6 +279,8 @@ def tune(cfg: DictConfig) -> dict:
         return metrics["val/acc_best"]
 
     study.optimize(objective, n_trials=int(cfg.tune.n_trials), catch=(Exception,))
+    if stopped:
+        raise stopped[0]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise KdbenchError(f"study {name!r} has no completed trial: see the FAILED runs in MLflow")
@@ -195,6 +315,11 @@ def tune(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="tuning", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    from kdbench.validate import check_config
+
+    run_or_exit(check_config, cfg)  # config-only checks first: before torch, the study, MLflow
+    run_or_exit(check_tune, cfg)
+    quiet_store_logs()
     summary = run_or_exit(tune, cfg)
     print(f"kdbench.tune: study {summary['study']}: trials {summary['trials']}")
     print(
@@ -209,7 +334,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _main()
+    sweep_main(_main)  # a multirun's refused job fails alone; the failed jobs are listed
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def finished_method_scheme_pairs(tmp_path: Path, methods: str, *extra: str) -> s
         "student=cnn1d_small",
         "++scheme.generations=2",
         "trainer.max_epochs=1",
+        # composition is what is tested here, not training: one served batch, no efficiency
+        "++trainer.limit_train_batches=1",
+        "efficiency.enabled=false",
         *extra,
         cwd=tmp_path,
         env={"MLFLOW_TRACKING_URI": uri},

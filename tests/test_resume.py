@@ -1,4 +1,6 @@
-"""resume=true continues a run killed with SIGKILL, into the same MLflow run, to the same result."""
+"""Resume, the documented flow: a run started as usual (`python -m kdbench seed=6`) and stopped
+(SIGKILL, SIGTERM, SIGINT) is continued by the same command plus `resume=true`, into the same
+MLflow run, to the uninterrupted result; a stopped run is never FINISHED."""
 
 from __future__ import annotations
 
@@ -13,61 +15,153 @@ import pytest
 from conftest import TINY, mlflow_runs, run_cli
 
 # long enough epochs that the kill lands mid-run (the kill waits for the first last.ckpt)
-ARGS = ["method=kd", "trainer.max_epochs=5", "dataset.transfer_size=8000", "steps_per_call=1"]
+ARGS = ["method=kd", "trainer.max_epochs=3", "dataset.transfer_size=3000", "steps_per_call=1"]
+KEYS = ("test/acc", "val/acc_best", "test/acc_best", "test/agreement")
 
 
-@pytest.fixture()
-def cwd(tmp_path) -> Path:
-    return tmp_path
+def _runs(experiment):
+    return mlflow_runs(experiment)[1]
 
 
-def _metrics(experiment):
-    _, runs = mlflow_runs(experiment)
-    return runs
+def _start(cwd: Path, *args: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``python -m kdbench ARGS`` as a user starts it (TINY sizes), in the background."""
+    cmd = [sys.executable, "-m", "kdbench", *TINY, *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
-def test_a_killed_run_resumes_into_the_same_mlflow_run_with_the_uninterrupted_result(cwd):
-    ref = run_cli(*ARGS, "mlflow.experiment=resume-ref", cwd=cwd)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    (ref_run,) = _metrics("resume-ref")
+def _wait_for(proc: subprocess.Popen, cwd: Path, pattern: str, timeout: float = 300) -> Path:
+    """The first file matching ``pattern`` under ``cwd``, polled while ``proc`` runs."""
+    deadline = time.time() + timeout
+    while True:
+        found = sorted(cwd.glob(pattern))
+        if found:
+            return found[0]
+        assert proc.poll() is None, f"the run ended before {pattern} appeared"
+        assert time.time() < deadline, f"no {pattern} after {timeout} s"
+        time.sleep(0.01)
 
-    before = set(cwd.glob("outputs/**/checkpoints/run/last.ckpt"))  # the reference run's
-    cmd = [sys.executable, "-m", "kdbench", *TINY, *ARGS, "mlflow.experiment=resume", "resume=true"]
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not set(cwd.glob("outputs/**/checkpoints/run/last.ckpt")) - before:
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted run's final metrics."""
+    cwd = tmp_path_factory.mktemp("ref")
+    proc = run_cli(*ARGS, "seed=6", "mlflow.experiment=resume-ref", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = _runs("resume-ref")
+    return run.data.metrics
+
+
+def _resume_and_compare(cwd: Path, experiment: str, killed, reference: dict) -> None:
+    again = run_cli(*ARGS, "seed=6", f"mlflow.experiment={experiment}", "resume=true", cwd=cwd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming MLflow run {killed.info.run_id}" in again.stdout
+    (resumed,) = _runs(experiment)  # the same run, now finished with everything recorded
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    for key in KEYS:
+        assert resumed.data.metrics[key] == pytest.approx(reference[key], abs=1e-9), key
+    assert resumed.data.params["method.name"] == "kd" and "resume" not in resumed.data.params
+
+
+def test_a_run_started_without_resume_and_killed_resumes_to_the_uninterrupted_result(
+    tmp_path, reference
+):
+    proc = _start(tmp_path, *ARGS, "seed=6", "mlflow.experiment=resume")  # no resume=true
+    _wait_for(proc, tmp_path, "outputs/**/checkpoints/run/last.ckpt")
     os.kill(proc.pid, signal.SIGKILL)  # mid-run: after epoch 0's checkpoint
     proc.wait()
-    (killed,) = _metrics("resume")
+    (killed,) = _runs("resume")
     assert killed.info.status == "RUNNING"  # nothing could mark it: it was killed
     assert "test/acc" not in killed.data.metrics
-
-    again = run_cli(*ARGS, "mlflow.experiment=resume", "resume=true", cwd=cwd)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming MLflow run {killed.info.run_id} from" in again.stdout
-    (resumed,) = _metrics("resume")  # the same run, now finished
-    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
-    for key in ("test/acc", "val/acc_best", "test/acc_best"):
-        assert resumed.data.metrics[key] == pytest.approx(ref_run.data.metrics[key], abs=1e-9)
+    _resume_and_compare(tmp_path, "resume", killed, reference)
 
 
-def test_resume_true_without_an_unfinished_run_starts_a_new_one(cwd):
-    proc = run_cli("method=kd", "mlflow.experiment=resume-new", "resume=true", cwd=cwd)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_leave_the_run_killed_and_exit_non_zero(tmp_path, reference, signum):
+    experiment = f"resume-{signum.name}"
+    proc = _start(
+        tmp_path, *ARGS, "seed=6", f"mlflow.experiment={experiment}", stderr=subprocess.PIPE
+    )
+    _wait_for(proc, tmp_path, "outputs/**/checkpoints/run/last.ckpt")
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]  # 143 / 130, as a shell reports them
+    assert f"kdbench: error: stopped by {signum.name}" in err
+    (killed,) = _runs(experiment)
+    assert killed.info.status == "KILLED"
+    if signum == signal.SIGTERM:  # (SIGINT ends the same way: one resume is enough)
+        _resume_and_compare(tmp_path, experiment, killed, reference)
+
+
+def test_a_run_killed_after_its_fit_is_not_finished_and_resume_records_the_rest(
+    tmp_path, reference
+):
+    """The fit has ended but testing, efficiency and artifacts are not all recorded: the run must
+    not be FINISHED (Lightning's logger would end it with the fit), and resume completes it."""
+    proc = _start(tmp_path, *ARGS, "seed=6", "mlflow.experiment=resume-late")
+    _wait_for(proc, tmp_path, "outputs/**/artifacts/student.pt")  # after the fit and its test
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (killed,) = _runs("resume-late")
+    assert killed.info.status == "RUNNING"
+    _resume_and_compare(tmp_path, "resume-late", killed, reference)
+    (run,) = _runs("resume-late")
+    client, _ = mlflow_runs("resume-late")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "student.pt", "student_best.pt"} <= artifacts
+    assert "speedup" in run.data.metrics and "student/latency_ms" in run.data.metrics
+
+
+def test_resume_true_without_an_unfinished_run_starts_a_new_one_named_after_what_it_is(tmp_path):
+    proc = run_cli("method=kd", "mlflow.experiment=resume-new", "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no unfinished run of this config" in proc.stdout
-    assert [r.info.status for r in _metrics("resume-new")] == ["FINISHED"]
+    (run,) = _runs("resume-new")
+    assert run.info.status == "FINISHED"
+    # named after what it is (MLflow's generated names repeat when the RNG is seeded)
+    assert run.info.run_name == "kd cnn1d->mlp offline s0"
+    assert run.data.tags["pair"] == "cnn1d->mlp" and run.data.tags["scheme"] == "offline"
+
+    # resume=PATH naming the checkpoint of that FINISHED run: refused, the run stays FINISHED
+    (ckpt,) = tmp_path.glob("outputs/**/checkpoints/run/last.ckpt")
+    again = run_cli("method=kd", "mlflow.experiment=resume-new", f"resume={ckpt}", cwd=tmp_path)
+    assert again.returncode == 2
+    (line,) = again.stderr.strip().splitlines()
+    assert line.startswith("kdbench: error: resume=") and "FINISHED" in line
+    assert [r.info.status for r in _runs("resume-new")] == ["FINISHED"]
 
 
-def test_resume_from_a_missing_checkpoint_path_is_a_one_line_error(cwd):
-    proc = run_cli("method=kd", "resume=/nonexistent/last.ckpt", cwd=cwd)
+def test_resume_from_a_missing_checkpoint_path_is_a_one_line_error(tmp_path):
+    proc = run_cli("method=kd", "resume=/nonexistent/last.ckpt", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("kdbench: error: resume='/nonexistent/last.ckpt'")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_scheme_self_refuses_resume_before_training(cwd):
-    proc = run_cli("method=kd", "scheme=self", "resume=true", cwd=cwd)
-    assert proc.returncode == 2 and "cannot resume yet" in proc.stderr
+SELF = ["method=kd", "scheme=self", "scheme.generations=3", "trainer.max_epochs=3", "seed=2"]
+
+
+def test_scheme_self_resumes_in_the_generation_it_was_in(tmp_path):
+    ref = run_cli(*SELF, "mlflow.experiment=self-ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    (ref_run,) = _runs("self-ref")
+
+    cwd = tmp_path / "killed"
+    cwd.mkdir()
+    proc = _start(cwd, *SELF, "mlflow.experiment=self")
+    _wait_for(proc, cwd, "outputs/**/checkpoints/gen2/last.ckpt")  # generation 1 finished
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (killed,) = _runs("self")
+    assert killed.info.status == "RUNNING"  # never FINISHED between generations
+    assert "test/gen1/acc" in killed.data.metrics
+
+    again = run_cli(*SELF, "mlflow.experiment=self", "resume=true", cwd=cwd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "generation 1/2: finished earlier" in again.stdout
+    assert len(list(cwd.glob("outputs/**/checkpoints/gen1"))) == 1  # not trained again
+    (resumed,) = _runs("self")
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    for key in ("test/gen1/acc", "test/gen2/acc", "test/acc", "test/ensemble/acc"):
+        assert resumed.data.metrics[key] == pytest.approx(ref_run.data.metrics[key], abs=1e-9), key
+    client, _ = mlflow_runs("self")
+    assert "gen1_student.pt" in {a.path for a in client.list_artifacts(resumed.info.run_id)}

@@ -149,7 +149,7 @@ class SchemeModule(EvalMixin, L.LightningModule):
     needs_pretrained_teacher = True
     accepts_teacher_ensemble = True
     student_role = "student"
-    supports_resume = True  # one fit per run, continued from its last.ckpt
+    supports_resume = True  # each fit continued from its last.ckpt (see fit_names)
 
     def __init__(self, optim_cfg) -> None:
         super().__init__()
@@ -163,6 +163,12 @@ class SchemeModule(EvalMixin, L.LightningModule):
         from kdbench.run import attach_method
 
         attach_method(ctx.method, ctx.student, ctx.teacher, ctx.cfg, ctx.dm)
+
+    @classmethod
+    def fit_names(cls, cfg) -> tuple[str, ...]:
+        """The names of the fits one run makes ("" for a single fit), in order: each has its own
+        checkpoint, and a resumed run continues each from its own."""
+        return ("",)
 
     @classmethod
     def from_context(cls, ctx):
@@ -278,9 +284,9 @@ class SchemeModule(EvalMixin, L.LightningModule):
                 for part in zip(*(t.split(micro) for t in batch), strict=True):
                     self.optimisation_step(part)
         except RuntimeError:  # e.g. sampling from NaN scores: a NaN loss before it is the cause
-            self.check_finite(first)
+            self.check_finite(first, batch)
             raise
-        self.check_finite(first)
+        self.check_finite(first, batch)
 
     def optimisation_step(self, batch) -> None:
         terms = self.losses(batch)
@@ -309,9 +315,10 @@ class SchemeModule(EvalMixin, L.LightningModule):
         names = (*terms, "loss")
         self._parts.append((len(batch[0]), names, [v.detach() for v in values] + [loss.detach()]))
 
-    def check_finite(self, first: int) -> None:
+    def check_finite(self, first: int, batch=None) -> None:
         """Raise :class:`NonFiniteLossError` naming the first term and step that became NaN or
-        inf among the steps recorded since ``first`` (this epoch's step numbers)."""
+        inf among the steps recorded since ``first`` (this epoch's step numbers), and what to
+        do about it (:func:`nonfinite_advice`, which looks at the frozen teacher on ``batch``)."""
         parts = self._parts[first:]
         if not parts or bool(torch.stack([v[-1] for _, _, v in parts]).isfinite().all()):
             return
@@ -321,8 +328,8 @@ class SchemeModule(EvalMixin, L.LightningModule):
                 name, value = bad[0]
                 raise NonFiniteLossError(
                     f"loss term {name if name != 'loss' else 'total'!r} became {value.item()} at "
-                    f"epoch {self.current_epoch}, step {first + k}: lower the learning rate "
-                    "(optim.lr) or that term's weight"
+                    f"epoch {self.current_epoch}, step {first + k}: "
+                    + nonfinite_advice(self, batch)
                 )
 
     def on_train_epoch_end(self):
@@ -342,3 +349,52 @@ class SchemeModule(EvalMixin, L.LightningModule):
         for name, total in sums.items():
             self.log(f"train/{name}", total / count, sync_dist=self.trainer.world_size > 1)
         self._parts = []
+
+
+def nonfinite_advice(module, batch=None) -> str:
+    """What to do about a NaN/inf loss: a frozen teacher whose weights or outputs (on
+    ``batch``) are not finite is the cause, not the learning rate; otherwise lower the
+    learning rate of what is trained here (the teacher's own, while a teacher trains)."""
+    teacher = getattr(module, "teacher", None)
+    if isinstance(teacher, torch.nn.Module) and not any(
+        p.requires_grad for p in teacher.parameters()
+    ):
+        where = _teacher_nonfinite(module, teacher, batch)
+        if where:
+            return (
+                f"the frozen teacher's {where} are NaN or infinite (not the student's "
+                "learning rate): give a sound teacher.checkpoint, or retrain the teacher "
+                "(delete its file in <cache_dir>/teachers/; lower teacher.optim.lr if its "
+                "training diverges)"
+            )
+    key = "optim.lr"
+    full = getattr(getattr(module, "optim_cfg", None), "_get_full_key", None)
+    if full is not None and str(full("lr")).startswith("teacher."):
+        key = str(full("lr"))
+    elif teacher is None and type(module).__name__ == "Offline":  # a teacher being trained
+        key = "teacher.optim.lr"
+    if key.startswith("teacher."):
+        return f"the teacher's training diverged: lower its learning rate ({key})"
+    return f"lower the learning rate ({key}) or that term's weight"
+
+
+def _teacher_nonfinite(module, teacher, batch) -> str | None:
+    """``"weights"`` or ``"outputs"`` when the frozen teacher's are not all finite."""
+    with torch.no_grad():
+        tensors = [*teacher.parameters(), *teacher.buffers()]
+        if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in tensors):
+            return "weights"
+        if batch is None:
+            return None
+        try:
+            x, _, idx = batch[:3]
+            if hasattr(module, "teacher_outputs"):  # the cached outputs where they are used
+                out = module.teacher_outputs(x, idx)
+            else:
+                out = teacher(x, module.method.taps)
+        except Exception:  # noqa: BLE001 - only advice: never hide the NaN error itself
+            return None
+        feats = [t for v in out.features.values() for t in (v if isinstance(v, list) else [v])]
+        if not all(bool(t.isfinite().all()) for t in [out.logits, *feats]):
+            return "outputs"
+    return None
