@@ -103,3 +103,29 @@ def finished_method_scheme_pairs(tmp_path: Path, methods: str, *extra: str) -> s
     return {
         (r.data.tags["method"], r.data.tags["scheme"]) for r in runs if r.info.status == "FINISHED"
     }
+
+
+def run_main_in_process(override: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``kdbench.cli.main()`` on one override in a fresh interpreter; its stdout ends with
+    ``EXIT <code> <torch imported> <lightning imported>`` (config errors must come before torch)."""
+    code = (
+        "import sys\n"
+        "from kdbench.cli import main\n"
+        f"sys.argv = ['kdbench', {override!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n"
+        "    print('EXIT', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny batches run far faster on one thread than on two threads that share busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_NO_TEACHER, compose, mlflow_runs, run_cli
+from conftest import TINY_NO_TEACHER, compose, mlflow_runs, run_cli, run_main_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README's own example module ("Bring your own model"), as a user pastes it.
@@ -198,16 +198,7 @@ def test_kwargs_null_clears_the_config_files_kwargs():
     ],
 )
 def test_model_config_errors_are_one_line_before_torch(userdir, override, message):
-    code = (
-        "import sys\n"
-        "from kdbench.cli import main\n"
-        f"sys.argv = ['kdbench', {override!r}]\n"
-        "try:\n    main()\nexcept SystemExit as e:\n"
-        "    print('EXIT', e.code, 'torch' in sys.modules)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=userdir, capture_output=True, text=True, timeout=120
-    )
+    proc = run_main_in_process(override, userdir)
     assert "EXIT 2 False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr

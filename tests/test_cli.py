@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlflow_runs, run_cli
+from conftest import mlflow_runs, run_cli, run_main_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,16 +168,7 @@ def test_unwritable_data_directory_costs_the_cache_not_the_run(cwd):
 )
 def test_config_errors_are_found_before_torch_is_imported(cwd, override, key):
     # what makes them fast (start-up is measured in scripts/perf.py, not timed here)
-    code = (
-        "import sys\n"
-        "from kdbench.cli import main\n"
-        f"sys.argv = ['kdbench', {override!r}]\n"
-        "try:\n    main()\nexcept SystemExit as e:\n"
-        "    print('EXIT', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    proc = run_main_in_process(override, cwd)
     assert "EXIT 2 False False" in proc.stdout
     assert proc.stderr.strip().startswith(f"kdbench: error: {key}=")
     assert len(proc.stderr.strip().splitlines()) == 1

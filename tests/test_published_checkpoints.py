@@ -147,12 +147,7 @@ def reference_file(path, model: torch.nn.Module, arch: str, **extra):
     return sd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", sorted(REFERENCE_KEY_COUNT))
