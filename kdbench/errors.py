@@ -31,14 +31,13 @@ class Interrupted(KdbenchError):
     """The run was stopped by SIGINT or SIGTERM: its MLflow run is KILLED and resumable; the
     process exits with 128 + the signal's number, as a shell reports a signal."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(
+        self, signum: int, hint: str = "continue it with the same command and resume=true"
+    ) -> None:
         import signal
 
         name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name}: the MLflow run is KILLED; continue it with the same command "
-            "and resume=true"
-        )
+        super().__init__(f"stopped by {name}: the MLflow run is KILLED; {hint}")
         self.exit_code = 128 + signum
 
 

@@ -186,8 +186,14 @@ def tune(cfg: DictConfig) -> dict:
         if "parent" in held:
             with contextlib.suppress(Exception):  # the error that ended the worker comes first
                 _end_parent(**held, status="KILLED" if stop else "FAILED")
-        if isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(received[-1] if received else signal.SIGINT) from None
+        if stop:
+            if isinstance(exc, Interrupted):
+                signum = exc.exit_code - 128
+            else:
+                signum = received[-1] if received else signal.SIGINT
+            raise Interrupted(
+                signum, "its trial is FAIL; run the same command again to go on with the study"
+            ) from None
         raise
     finally:
         for signum, handler in old.items():
