@@ -328,8 +328,9 @@ def run(
 
     ``callbacks``: extra Lightning callbacks (e.g. Optuna pruning); ``tags``: extra MLflow tags
     (e.g. ``mlflow.parentRunId`` to nest the run); ``root``: the output directory (default:
-    Hydra's). An exception leaves the MLflow run FAILED
-    (KILLED for a pruned trial) and carries its id as ``exc.kdbench_run_id``."""
+    Hydra's). The MLflow run is FINISHED only once everything is recorded; an exception leaves
+    it FAILED (KILLED for a pruned trial, and for SIGINT/SIGTERM, raised as
+    :class:`~kdbench.errors.Interrupted`) and carries its id as ``exc.kdbench_run_id``."""
     _quiet_lightning()
     ctx = prepare(cfg)
     import torch
