@@ -21,13 +21,15 @@ import contextlib
 import fcntl
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 STALE_AFTER_S = 3600  # a temp file this old is a killed writer's, whatever its pid
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:(?P<host>[\w-]+)-)?(?P<pid>\d+)\.tmp$")
+_HOST = re.sub(r"[^\w-]", "_", socket.gethostname()) or "host"  # a pid means something on its host
 _OLD_TEMP = re.compile(r"^tmp[\w-]+\.tmp(\.npz)?$")  # tempfile.mkstemp names of kdbench <= 0.1
 
 
@@ -56,11 +58,12 @@ def _pid_alive(pid: int) -> bool:
 
 def temp_path(path: Path) -> Path:
     """Where this process writes ``path`` before renaming it into place."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.tmp")
 
 
 def clean_stale_temps(directory: Path) -> list[Path]:
-    """Remove the temp files of writers that died (pid gone) or are over an hour old."""
+    """Remove the temp files of writers that died (pid gone, on this host) or are over an hour
+    old."""
     removed = []
     try:
         entries = list(os.scandir(directory))
@@ -73,7 +76,10 @@ def clean_stale_temps(directory: Path) -> list[Path]:
             continue
         try:
             old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
-            dead = m is not None and not _pid_alive(int(m["pid"]))
+            # a pid is judged on its own host only (a cache shared across machines): elsewhere
+            # the age alone says a writer is gone
+            here = m is not None and m["host"] in (None, _HOST)
+            dead = here and not _pid_alive(int(m["pid"]))
             if (old or dead) and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))

@@ -232,7 +232,8 @@ class Runner:
         # a resumed fit goes on writing where it was: its best checkpoint (and Lightning's record
         # of it, which is dropped when the directory changes) stays the best-epoch candidate
         resume = self.resume.checkpoint(name)
-        ckpt_dir = Path(resume).parent if resume else self.root / "checkpoints" / (name or "run")
+        own = resume and self.resume.run_id  # (a checkpoint of no known run starts a new one here)
+        ckpt_dir = Path(resume).parent if own else self.root / "checkpoints" / (name or "run")
         ckpt = ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best",
@@ -388,12 +389,15 @@ def run(
     except BaseException as exc:
         pruned = type(exc).__name__ == "TrialPruned"
         signum = stop.received or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None)
-        if logger is not None:
-            exc.kdbench_run_id = logger.run_id
+        run_id = getattr(logger, "_run_id", None)  # (reading logger.run_id would create one)
+        if run_id is not None:
+            exc.kdbench_run_id = run_id
             with contextlib.suppress(Exception):  # e.g. a full store: the cause is reported
                 tracking.set_status(logger, "KILLED" if pruned or signum else "FAILED")
         if signum:
-            raise Interrupted(signum) from None
+            stopped = Interrupted(signum)
+            stopped.kdbench_run_id = run_id
+            raise stopped from None
         if isinstance(exc, torch.OutOfMemoryError):
             raise KdbenchError("out of memory: lower dataset.batch_size") from exc
         raise

@@ -65,16 +65,12 @@ def make_logger(
     it itself, once everything the run records is recorded, so this logger's ``finalize`` leaves
     the run's status alone: a run killed between its fit and its last artifact stays
     unfinished (and resumable), and a born-again run is not FINISHED between generations."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    class _Logger(MLFlowLogger):
-        def finalize(self, status: str = "success") -> None:  # kdbench sets the status
-            pass
+    from kdbench.mlflow_logger import KdbenchMLFlowLogger
 
     name = cfg.mlflow.get("run_name")
     all_tags = {**run_tags(cfg, student_role), **(tags or {})}
     all_tags["pair"] = f"{all_tags['teacher_config']}->{all_tags['student_config']}"
-    logger = _Logger(
+    logger = KdbenchMLFlowLogger(
         experiment_name=str(cfg.mlflow.experiment),
         run_name=str(name) if name is not None else run_name(cfg, student_role, tags),
         tracking_uri=tracking_uri(cfg),
@@ -121,10 +117,10 @@ class Resume:
         """The checkpoint the fit ``name`` continues from (None: start it from scratch)."""
         import os
 
-        if self.path is not None:
-            return (
-                self.path if self.tags.get(checkpoint_tag(name), self.path) == self.path else None
-            )
+        if self.path is not None:  # the fit that wrote it (any fit when no run is known)
+            if self.run_id is None or self.tags.get(checkpoint_tag(name)) == self.path:
+                return self.path
+            return None
         ckpt = self.tags.get(checkpoint_tag(name))
         return ckpt if ckpt and os.path.isfile(ckpt) else None
 

@@ -170,6 +170,8 @@ def tune(cfg: DictConfig) -> dict:
     received: list[int] = []
 
     def handle(signum, frame):  # between trials too: Optuna fails the trial it is in and stops
+        if received:  # once: a second Ctrl-C must not break the clean-up of the first
+            return
         received.append(signum)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 

@@ -165,3 +165,31 @@ def test_scheme_self_resumes_in_the_generation_it_was_in(tmp_path):
         assert resumed.data.metrics[key] == pytest.approx(ref_run.data.metrics[key], abs=1e-9), key
     client, _ = mlflow_runs("self")
     assert "gen1_student.pt" in {a.path for a in client.list_artifacts(resumed.info.run_id)}
+
+
+def test_resume_path_applies_to_the_fit_that_wrote_it_only(tmp_path):
+    """resume=PATH of generation 2's checkpoint: generation 2 continues from it, generation 1
+    (finished) and generation 3 (not started) do not; a checkpoint of no known run is the
+    single fit's."""
+    from kdbench.tracking import Resume, checkpoint_tag
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    tags = {checkpoint_tag("gen1"): "/elsewhere/gen1.ckpt", checkpoint_tag("gen2"): str(ckpt)}
+    resume = Resume("run-id", tags, {}, str(ckpt))
+    assert [resume.checkpoint(n) for n in ("gen1", "gen2", "gen3")] == [None, str(ckpt), None]
+    assert Resume(path=str(ckpt)).checkpoint("") == str(ckpt)
+
+
+def test_the_run_logger_pickles_for_ddp_spawn(tmp_path):
+    import pickle
+
+    from conftest import compose
+
+    from kdbench.tracking import make_logger
+
+    cfg = compose(f"mlflow.tracking_uri=sqlite:///{tmp_path / 'p.db'}")
+    logger = make_logger(cfg)
+    run_id = logger.run_id  # the MLflow run exists before the trainer is pickled
+    again = pickle.loads(pickle.dumps(logger))  # ddp_spawn pickles the trainer and its loggers
+    assert again.run_id == run_id and type(again).finalize is type(logger).finalize
