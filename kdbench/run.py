@@ -296,7 +296,7 @@ def test_metrics(trainer, best: bool) -> dict[str, float]:
     }
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """SIGINT and SIGTERM stop a run as an interrupt (KeyboardInterrupt), wherever it is (data,
     teacher, fit, test, logging), and remember the signal: the run is then marked KILLED, not
     FAILED, and the process exits non-zero. (Lightning alone turns SIGTERM into a SystemExit
@@ -349,7 +349,7 @@ def run(
     resume = None
     if cfg.get("resume"):  # before any work: a resume that cannot be done is refused now
         resume = tracking.find_resume(cfg, digest, ctx.scheme.fit_names(cfg))
-    stop = _StopOnSignal()
+    stop = StopOnSignal()
     logger = None
     try:
         ctx.dm.prepare_data()

@@ -165,41 +165,28 @@ def tune(cfg: DictConfig) -> dict:
     import signal
 
     from kdbench.errors import Interrupted
+    from kdbench.run import StopOnSignal
 
     held: dict = {}
-    received: list[int] = []
-
-    def handle(signum, frame):  # between trials too: Optuna fails the trial it is in and stops
-        if received:  # once: a second Ctrl-C must not break the clean-up of the first
-            return
-        received.append(signum)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    old = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[signum] = signal.signal(signum, handle)
-        except ValueError:  # not the main thread: leave signals be
-            pass
+    stop = StopOnSignal()  # between trials too: Optuna fails the trial it is in and stops
     try:
         summary = _tune(cfg, held)
     except BaseException as exc:
-        stop = isinstance(exc, KeyboardInterrupt | Interrupted)
+        stopped = isinstance(exc, KeyboardInterrupt | Interrupted)
         if "parent" in held:
             with contextlib.suppress(Exception):  # the error that ended the worker comes first
-                _end_parent(**held, status="KILLED" if stop else "FAILED")
-        if stop:
+                _end_parent(**held, status="KILLED" if stopped else "FAILED")
+        if stopped:
             if isinstance(exc, Interrupted):
                 signum = exc.exit_code - 128
             else:
-                signum = received[-1] if received else signal.SIGINT
+                signum = stop.received or signal.SIGINT
             raise Interrupted(
                 signum, "its trial is FAIL; run the same command again to go on with the study"
             ) from None
         raise
     finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
+        stop.restore()
     _end_parent(**held, status="FINISHED")
     return summary
 
@@ -212,7 +199,7 @@ def _tune(cfg: DictConfig, held: dict) -> dict:
     from kdbench.errors import Interrupted
     from kdbench.run import _output_dir, prepare, run
     from kdbench.stores import fail_stale_trials, optuna_storage, prepare_mlflow
-    from kdbench.tracking import DEFAULT_TRACKING_URI
+    from kdbench.tracking import tracking_uri
 
     check_tune(cfg)  # before the study and its MLflow parent run exist
     space = search_space(cfg)
@@ -228,10 +215,8 @@ def _tune(cfg: DictConfig, held: dict) -> dict:
         pruner = optuna.pruners.NopPruner()
     else:
         raise ConfigError("tune.pruner", cfg.tune.pruner, "must be median or none")
-    uri = str(cfg.mlflow.tracking_uri or "").strip() or DEFAULT_TRACKING_URI
-    heartbeat = cfg.tune.get("heartbeat_s", 30)
-    if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
-        raise ConfigError("tune.heartbeat_s", heartbeat, "must be a whole number of seconds >= 1")
+    uri = tracking_uri(cfg)
+    heartbeat = int(cfg.tune.get("heartbeat_s", 30))  # checked by check_tune
     exp_id = prepare_mlflow(uri, str(cfg.mlflow.experiment))
     client = MlflowClient(tracking_uri=uri)
     try:

@@ -348,6 +348,7 @@ def check_tune(cfg: DictConfig) -> None:
     _positive_int("tune.n_trials", t.get("n_trials"))
     _int_at_least("tune.seed", t.get("seed"), 0)
     _int_at_least("tune.n_startup_trials", t.get("n_startup_trials"), 0)
+    _positive_int("tune.heartbeat_s", t.get("heartbeat_s", 30))
     if t.get("direction") not in TUNE_DIRECTIONS:
         raise ConfigError("tune.direction", t.get("direction"), "must be maximize or minimize")
     pruner = t.get("pruner")

@@ -143,6 +143,7 @@ def _run_tune(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
         (["tune.n_trials=-3"], "tune.n_trials"),
         (["tune.n_trials=1.5"], "tune.n_trials"),
         (["tune.direction=up"], "tune.direction"),
+        (["tune.heartbeat_s=0"], "tune.heartbeat_s"),
         ([f"tune.storage={MISSING_DRIVER[0]}://bob:{PASSWORD}@127.0.0.1:1/db"], "tune.storage"),
         (["tune.storage=sqlite:///NO_DIR/optuna.db"], "tune.storage"),
     ],
