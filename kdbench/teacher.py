@@ -167,22 +167,24 @@ def resolve_one(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root: P
         / "teachers"
         / (f"{cfg.dataset.name}-{model_name(spec)}-{key}.pt")
     )
-    if path.exists():
+
+    def cached() -> dict | None:
         try:
             meta = load_checkpoint(path, model, model_id(spec))
-            return {"source": "cache", "path": str(path), **meta}
         except KdbenchError as exc:
             print(f"kdbench: retraining the teacher over an unusable cache entry ({exc})")
+            return None
+        return {"source": "cache", "path": str(path), **meta}
+
+    if path.exists() and (info := cached()) is not None:
+        return info
     # one process trains a teacher that several need at once; the others wait, then load it
     waiting = f"kdbench: waiting for another process training the same teacher ({path})"
     seen = _identity(path)
     with file_lock(path, waiting):
-        if _identity(path) not in (None, seen):  # written by the process that held the lock
-            try:
-                meta = load_checkpoint(path, model, model_id(spec))
-                return {"source": "cache", "path": str(path), **meta}
-            except KdbenchError as exc:
-                print(f"kdbench: retraining the teacher over an unusable cache entry ({exc})")
+        # written meanwhile by the process that held the lock
+        if _identity(path) not in (None, seen) and (info := cached()) is not None:
+            return info
         print(f"kdbench: training teacher {model_name(spec)} (not cached yet; saved to {path})")
         meta = train_teacher(cfg, spec, dm, model, root)
         saved = save_checkpoint(path, model, meta)
