@@ -31,7 +31,17 @@ Columns, over the seeds of a row: student test accuracy (last and best-validatio
 sample standard deviation with the count ``n`` (a single run has no spread and shows ``(n=1)``);
 the gain over ``none``; the teacher's accuracy and the share of it retained; the gap closed;
 agreement with the teacher, ECE, the student's parameters, the compression ratio and the measured
-speed-up over the teacher.
+speed-up over the teacher; its size (MB: the state dict, or the deployed file), batch-1 latency
+(ms) and batched throughput (samples/s).
+
+Deployed rows: a run that deployed its student (``python -m kdbench deploy=<form>`` or
+``python -m kdbench.export``: ``deploy/<form>/test/acc``) adds one row per form, the student named
+``<student> <form>`` (``mlp int8``, ``resnet8x4 onnx``), with the deployed model's accuracy,
+agreement, ECE, parameters, file size, latency, throughput and speed-up over the teacher, grouped
+by the run's config plus the form's options (the run's tag ``kdbench.deploy.<form>``). The
+``deploy.*`` params group the float rows only for ``deploy=qat`` (the one form that changes
+training; its training options, as one ``deploy`` entry); the other forms leave the float
+student as it is.
 
 ``none`` baseline: the ``method=none`` row with the same config except the method (same dataset,
 pair, scheme and every result-determining param other than ``method.*``); where there is no such
@@ -82,6 +92,8 @@ ARCHIVE_DATASETS = ("kdbench.data.cifar.CIFAR10", "kdbench.data.cifar.CIFAR100")
 STORE_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql")
 STORE_SCHEMES += ("databricks", "databricks-uc", "uc")
 UNSET = "(unset)"  # a param one run has and another lacks
+# deploy options applied after training (export, calibration): never the float student's result
+DEPLOY_AFTER = ("_target_", "exporter", "opset", "calibration", "calibration_samples")
 
 
 def determines_result(key: str, params: dict[str, str]) -> bool:
@@ -90,12 +102,20 @@ def determines_result(key: str, params: dict[str, str]) -> bool:
         return False
     if key == "dataset.root":  # the official archive wherever it lies; an image folder IS the data
         return params.get("dataset._target_") not in ARCHIVE_DATASETS
+    if key.startswith("deploy."):  # a post-step on the float student, except qat (training)
+        return params.get("deploy.name") == "qat" and key[len("deploy.") :] not in DEPLOY_AFTER
     return True
 
 
 def result_config(params: dict[str, str]) -> dict[str, str]:
-    """The params of a run that determine its result."""
-    return {k: v for k, v in params.items() if determines_result(k, params)}
+    """The params of a run that determine its result (the ``deploy.*`` ones of a qat run as one
+    entry, ``deploy``: ``qat ema=0.01 per_channel=True``, which the variant column shows)."""
+    config = {k: v for k, v in params.items() if determines_result(k, params)}
+    deploy = {k[len("deploy.") :]: config.pop(k) for k in sorted(config) if k.startswith("deploy.")}
+    if deploy:
+        name = deploy.pop("name", "?")
+        config["deploy"] = " ".join([name, *(f"{k}={v}" for k, v in deploy.items())])
+    return config
 
 
 def config_id(config: dict[str, str]) -> str:
@@ -219,6 +239,7 @@ def load_runs(
         row["config_id"] = config_id(config)
         row["run_id"] = r.info.run_id
         row.update(r.data.metrics)
+        row.update({k: v for k, v in tags.items() if k.startswith(DEPLOY_TAG + ".")})
         rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["left_out"] = left_out
@@ -263,6 +284,91 @@ def _baseline_key(row) -> str:
     return json.dumps([[getattr(row, c) for c in PAIR], config], sort_keys=True)
 
 
+def with_exit_rows(runs):
+    """``runs`` plus one row per shallow exit of a run that reports exits (``scheme=byot``:
+    ``test/exit<i>/acc``): the student named ``<student> exit<i>``, with that exit's accuracy
+    and the latency, FLOPs and parameters of the network truncated there (the early-exit
+    trade-off); the deepest exit is the run's own row. Agreement and ECE are blank there."""
+    import re
+
+    import pandas as pd
+
+    exit_cols = sorted(
+        (int(m.group(1)), c) for c in runs.columns if (m := re.fullmatch(r"test/exit(\d+)/acc", c))
+    )
+    if not exit_cols:
+        return runs
+    nan = float("nan")
+    extra = []
+    for _, r in runs.iterrows():
+        present = [i for i, c in exit_cols if pd.notna(r[c])]
+        for i in present[:-1]:
+            row = r.copy()
+            row["student"] = f"{r['student']} exit{i}"
+            row["test/acc"] = r[f"test/exit{i}/acc"]
+            for key, col in (
+                ("test/acc_best", f"test/exit{i}/acc_best"),
+                ("student/latency_ms", f"efficiency/exit{i}/latency_ms"),
+                ("student/flops", f"efficiency/exit{i}/flops"),
+                ("student/params", f"efficiency/exit{i}/params"),
+            ):
+                row[key] = r.get(col, nan)
+            row["speedup"] = r.get("teacher/latency_ms", nan) / row["student/latency_ms"]
+            row["test/agreement"] = row["test/ece"] = nan
+            extra.append(row)
+    return pd.concat([runs, pd.DataFrame(extra)], ignore_index=True) if extra else runs
+
+
+DEPLOY_TAG = "kdbench.deploy"  # kdbench.deploy.<form>: the options of a deployed form (JSON)
+# a deployed row's figures: (row column, deploy/<form>/ metric)
+DEPLOYED = (
+    ("test/acc", "test/acc"),
+    ("test/acc_best", "test/acc_best"),
+    ("test/agreement", "test/agreement"),
+    ("test/ece", "test/ece"),
+    ("student/params", "params"),
+    ("student/latency_ms", "latency_ms"),
+    ("student/throughput", "throughput"),
+    ("speedup", "speedup"),
+)
+
+
+def with_deployed_rows(runs):
+    """``runs`` plus one row per deployed form of a run (see the module docstring)."""
+    import re
+
+    import pandas as pd
+
+    forms = sorted(
+        {m.group(1) for c in runs.columns if (m := re.fullmatch(r"deploy/([^/]+)/test/acc", c))}
+    )
+    nan = float("nan")
+    extra = []
+    for _, r in runs.iterrows() if forms else ():
+        if re.search(r" exit\d+$", str(r["student"])):  # a shallow exit's row: not deployed
+            continue
+        for form in forms:
+            p = f"deploy/{form}/"
+            if pd.isna(r.get(p + "test/acc", nan)):
+                continue
+            row = r.copy()
+            row["student"] = f"{r['student']} {form}"
+            for key, metric in DEPLOYED:
+                row[key] = r.get(p + metric, nan)
+            row["student/size_mb"] = r.get(p + "size_bytes", nan) / 2**20
+            row["student/flops"] = nan
+            options = r.get(f"{DEPLOY_TAG}.{form}")
+            config = json.loads(row["config"])
+            if isinstance(options, str):
+                config.update(
+                    {f"deploy.{form}.{k}": str(v) for k, v in json.loads(options).items()}
+                )
+            row["config"] = json.dumps(config, sort_keys=True)
+            row["config_id"] = config_id(config)
+            extra.append(row)
+    return pd.concat([runs, pd.DataFrame(extra)], ignore_index=True) if extra else runs
+
+
 def summarize(runs):
     """Mean, std and count over seeds for each (group, result config), with the comparisons
     against the matched ``none`` baseline."""
@@ -281,11 +387,15 @@ def summarize(runs):
         "speedup",
         "student/latency_ms",
         "student/flops",
+        "student/size_mb",
+        "student/throughput",
     ):
         if col not in runs:
             runs[col] = float("nan")
+    runs = with_exit_rows(runs)
     if "config" not in runs:  # runs without params: one config
         runs["config"], runs["config_id"] = "{}", config_id({})
+    runs = with_deployed_rows(runs)
     for col in GROUP:
         runs[col] = runs[col].fillna("?").astype(str)
     agg = (
@@ -303,6 +413,8 @@ def summarize(runs):
             teacher_params=("teacher/params", "mean"),
             student_flops=("student/flops", "mean"),
             student_latency_ms=("student/latency_ms", "mean"),
+            student_size_mb=("student/size_mb", "mean"),
+            student_throughput=("student/throughput", "mean"),
             speedup=("speedup", "mean"),
             seeds=("seed", lambda s: " ".join(sorted(map(str, s), key=_seed_order))),
             run_ids=("run_id", " ".join),
@@ -386,6 +498,9 @@ COLUMNS = [
     "student params",
     "compression",
     "speed-up",
+    "size MB",
+    "latency ms",
+    "throughput /s",
 ]
 
 
@@ -415,6 +530,9 @@ def rows(table) -> list[list[str]]:
                 "" if _nan(r.student_params) else f"{int(r.student_params)}",
                 "" if _nan(r.compression) else f"{r.compression:.1f}x",
                 "" if _nan(r.speedup) else f"{r.speedup:.1f}x",
+                "" if _nan(r.student_size_mb) else f"{r.student_size_mb:.4g}",
+                "" if _nan(r.student_latency_ms) else f"{r.student_latency_ms:.3g}",
+                "" if _nan(r.student_throughput) else f"{r.student_throughput:.3g}",
             ]
         )
     return out
@@ -470,8 +588,13 @@ def plot_pareto(table, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    size = table["student_size_mb"] if "student_size_mb" in table else float("nan")
+    # deployed rows: the file a user ships; float rows: the state dict (else float32 parameters)
+    table = table.assign(plot_size_mb=size).fillna(
+        {"plot_size_mb": table["student_params"] * 4 / 2**20}
+    )
     for ax, col, label in (
-        (axes[0], "student_params", "student parameters"),
+        (axes[0], "plot_size_mb", "student size (MB): state dict, or the deployed file"),
         (axes[1], "student_latency_ms", "student latency, batch 1 (ms)"),
     ):
         for (pair, scheme), g in table.groupby(

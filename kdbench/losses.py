@@ -25,19 +25,36 @@ from torch import nn
 __all__ = [
     "CRDLoss",
     "VIDLoss",
+    "adversarial_generator_loss",
     "attention_loss",
     "attention_map",
+    "bn_statistics_loss",
+    "byot_feature_loss",
+    "byot_loss",
+    "ca_mkd_weights",
+    "dafl_activation_loss",
+    "dafl_entropy_loss",
+    "dafl_one_hot_loss",
+    "discriminator_accuracy",
+    "discriminator_loss",
     "dist_loss",
     "dkd_loss",
+    "entropy_weights",
     "fitnet_loss",
     "hard_label_loss",
     "kd_loss",
     "logit_standardize",
     "nst_loss",
     "pkt_loss",
+    "pskd_loss",
+    "pskd_targets",
     "reverse_kd_loss",
     "rkd_loss",
     "sp_loss",
+    "tfkd_loss",
+    "virtual_teacher_probs",
+    "weighted_kd_loss",
+    "weighted_mixture_logits",
 ]
 
 
@@ -765,3 +782,286 @@ class CRDLoss(nn.Module):
                 rank = (rank * n_candidates[sub, None]).long()  # the rank-th candidate, from 0
                 out[rows[sub]] = torch.searchsorted((~mask[sub]).cumsum(1), rank + 1)
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# adversarial distillation (a discriminator D on logits or features; METHODS.md "Variants")
+# --------------------------------------------------------------------------------------------
+# D outputs one raw score d per sample (a logit: D(.) = sigmoid(d)); log D = -softplus(-d) and
+# log(1 - D) = -softplus(d), computed that way for numerical stability.
+
+
+def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's loss, the negated GAN value (Goodfellow et al. 2014, eq. 1):
+    ``-(mean_i log D(real_i) + mean_j log(1 - D(fake_j)))``, real = the teacher's outputs,
+    fake = the student's (detached by the caller); ``d_*`` are D's raw scores (B or B x 1)."""
+    d_real, d_fake = d_real.float().reshape(-1), d_fake.float().reshape(-1)
+    return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+
+
+def adversarial_generator_loss(d_fake: torch.Tensor, saturating: bool = False) -> torch.Tensor:
+    """The student's adversarial loss on D's scores of its own outputs. Non-saturating
+    (default; Goodfellow et al. 2014, Sec. 3: strong gradients while D wins):
+    ``-mean_j log D(fake_j)``; saturating (the literal minimax objective):
+    ``mean_j log(1 - D(fake_j))``."""
+    d_fake = d_fake.float().reshape(-1)
+    return -F.softplus(d_fake).mean() if saturating else F.softplus(-d_fake).mean()
+
+
+def discriminator_accuracy(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Share of samples D classifies right: real with ``D > 1/2`` (score > 0), fake with
+    ``D < 1/2`` (score < 0), over all ``len(real) + len(fake)`` samples (0.5: D guesses)."""
+    d_real, d_fake = d_real.detach().reshape(-1), d_fake.detach().reshape(-1)
+    right = (d_real > 0).sum() + (d_fake < 0).sum()
+    return right.float() / (d_real.numel() + d_fake.numel())
+
+
+# --------------------------------------------------------------------------------------------
+# data-free distillation: the generator's objective (DAFL, Chen et al. 2019) and DeepInversion's
+# BatchNorm-statistics prior (Yin et al. 2020)
+# --------------------------------------------------------------------------------------------
+
+
+def dafl_one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DAFL's one-hot term: ``CE(z_T, argmax z_T)`` (mean over the batch): the teacher should
+    be confident on generated samples."""
+    z = teacher_logits.float()
+    return F.cross_entropy(z, z.detach().argmax(1))
+
+
+def dafl_activation_loss(teacher_features: torch.Tensor) -> torch.Tensor:
+    """DAFL's activation term: ``-mean |f_T|`` over every element of the teacher's
+    penultimate features (the reference code's ``-features_T.abs().mean()``; the paper writes
+    ``-(1/n) sum_i ||f_T^i||_1``, the same up to the factor 1/feature-dim)."""
+    return -teacher_features.float().abs().mean()
+
+
+def dafl_entropy_loss(teacher_logits: torch.Tensor, base: float = 10.0) -> torch.Tensor:
+    """DAFL's information-entropy term, the negated entropy of the batch's mean prediction:
+    ``sum_c pbar_c log_base pbar_c`` with ``pbar = mean_i softmax(z_T,i)``; minimising it
+    balances the classes of the generated batch. ``base`` 10 as the reference code
+    (``torch.log10``); ``e`` gives the entropy in nats (1/ln 10 times larger)."""
+    pbar = F.softmax(teacher_logits.float(), dim=1).mean(0)
+    return (pbar * torch.log(pbar.clamp_min(1e-30))).sum() / math.log(base)
+
+
+def bn_statistics_loss(
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
+) -> torch.Tensor:
+    """DeepInversion's feature-statistics prior for one BatchNorm layer (Yin et al. 2020,
+    "Dreaming to Distill"; NVlabs/DeepInversion ``DeepInversionFeatureHook``):
+    ``||mu(x) - running_mean||_2 + ||sigma^2(x) - running_var||_2``, with ``x`` the layer's
+    input (B x C x ...), mu and sigma^2 per channel over the batch and every position
+    (biased variance, as the reference)."""
+    x = x.float()
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims)
+    var = x.var(dims, unbiased=False)
+    return torch.linalg.vector_norm(mean - running_mean.float()) + torch.linalg.vector_norm(
+        var - running_var.float()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# self-distillation between the exits of one network (Be Your Own Teacher)
+# --------------------------------------------------------------------------------------------
+
+
+def byot_feature_loss(exit_feature: torch.Tensor, deepest_feature: torch.Tensor) -> torch.Tensor:
+    """BYOT's hint term (Zhang et al. 2019, "Be Your Own Teacher", loss source 3):
+    ``(1/B) * sum_b ||F_i,b - F_C,b||_2^2``, the squared L2 distance between a shallow exit's
+    bottleneck feature and the deepest exit's feature, summed over the feature axes and
+    averaged over the batch (the deepest feature detached by the caller)."""
+    _check_same_shape("byot_feature_loss", exit_feature, deepest_feature)
+    diff = exit_feature.float() - deepest_feature.float()
+    return diff.pow(2).flatten(1).sum(1).mean()
+
+
+def byot_loss(
+    exit_logits: list[torch.Tensor],
+    exit_features: list[torch.Tensor],
+    labels: torch.Tensor,
+    alpha: float = 0.3,
+    temperature: float = 3.0,
+    feature_weight: float = 0.03,
+) -> torch.Tensor:
+    """Be Your Own Teacher (Zhang et al. 2019) over the exits i = 1..C of one network, the last
+    one the deepest (METHODS.md, "Variants of schemes and teachers"):
+
+    ``sum_i [(1 - a) CE(q_i, y) + a T^2 KL(q_C^T || q_i^T) + l ||F_i - F_C||^2]``
+
+    with ``a = alpha``, ``T = temperature``, ``l = feature_weight``; the deepest exit's
+    softened prediction ``q_C^T`` and feature ``F_C`` are targets (detached), so the KL and
+    hint terms of i = C vanish. CE is the mean over the labelled samples (label -1: none),
+    KL as :func:`kd_loss` (batch mean, times T^2), the hint as :func:`byot_feature_loss`.
+    ``scheme=byot`` builds the same sum from the method's terms (gamma = 1 - a, alpha = a)."""
+    if len(exit_logits) != len(exit_features) or len(exit_logits) < 2:
+        raise ValueError("byot_loss: give as many logits as features, for 2 or more exits")
+    deep_z, deep_f = exit_logits[-1].detach(), exit_features[-1].detach()
+    total = (1 - alpha) * F.cross_entropy(exit_logits[-1].float(), labels, ignore_index=-1)
+    for z, f in zip(exit_logits[:-1], exit_features[:-1], strict=True):
+        total = total + (1 - alpha) * F.cross_entropy(z.float(), labels, ignore_index=-1)
+        total = total + alpha * kd_loss(z, deep_z, temperature)
+        total = total + feature_weight * byot_feature_loss(f, deep_f)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# teacher-free and self-distillation targets, multi-teacher weights (METHODS.md "Variants")
+# --------------------------------------------------------------------------------------------
+
+
+TFKD_FORMS = ("reference", "kd")
+
+
+def virtual_teacher_probs(
+    labels: torch.Tensor, num_classes: int, correct_prob: float = 0.9
+) -> torch.Tensor:
+    """Tf-KD's virtual teacher (Yuan et al. 2020, "Revisiting Knowledge Distillation via Label
+    Smoothing Regularization", Tf-KD_reg): ``p^d_c = a`` for the true class ``c = y`` and
+    ``(1 - a) / (K - 1)`` for each of the ``K - 1`` others (B x K, float32). ``labels`` must be
+    class indices (a label < 0 gives the row of class 0: the caller masks such rows)."""
+    rest = (1.0 - correct_prob) / (num_classes - 1)
+    probs = torch.full(
+        (labels.shape[0], num_classes), rest, dtype=torch.float32, device=labels.device
+    )
+    return probs.scatter_(1, labels.clamp_min(0)[:, None], correct_prob)
+
+
+def tfkd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    correct_prob: float = 0.99,
+    temperature: float = 20.0,
+    form: str = "reference",
+) -> torch.Tensor:
+    """Tf-KD_reg: the student distils the virtual teacher ``p^d`` of
+    :func:`virtual_teacher_probs` (``a = correct_prob``, ``T = temperature``), per sample ``i``:
+
+    - ``form="reference"`` (the authors' code, yuanli2333/Teacher-free-Knowledge-Distillation
+      ``my_loss_function.loss_kd_regularization``, whose CIFAR-100 numbers it gives):
+      ``(1/K) sum_c P_ic (log P_ic - log softmax(z_s,i)_c)`` with ``P_i = softmax(p^d_i / T)``
+      (the probabilities softened as if they were logits, the student at T = 1, no T^2;
+      ``nn.KLDivLoss()``'s default mean over all B x K elements, hence the 1/K);
+    - ``form="kd"`` (METHODS.md: "distilled with KD at T"): Hinton KD of the distribution,
+      ``T^2 KL(softmax(log p^d_i / T) || softmax(z_s,i / T))``, :func:`kd_loss` per sample.
+
+    Averaged over the labelled samples (``labels >= 0``); unlabelled (transfer) samples have no
+    true class, hence no virtual teacher, and are skipped (0 for a batch without labels)."""
+    if form not in TFKD_FORMS:
+        raise ValueError(f"tfkd_loss: form must be one of {TFKD_FORMS}, got {form!r}")
+    _check_temperature("tfkd_loss", temperature)
+    z = student_logits.float()
+    p_d = virtual_teacher_probs(labels, z.shape[1], correct_prob)
+    if form == "reference":
+        log_t = F.log_softmax(p_d / temperature, dim=1)
+        per_sample = (log_t.exp() * (log_t - F.log_softmax(z, dim=1))).sum(1) / z.shape[1]
+    else:
+        log_t = F.log_softmax(p_d.log() / temperature, dim=1)
+        log_s = F.log_softmax(z / temperature, dim=1)
+        per_sample = temperature**2 * (log_t.exp() * (log_t - log_s)).sum(1)
+    labelled = (labels >= 0).float()
+    return (per_sample * labelled).sum() / labelled.sum().clamp_min(1)
+
+
+def pskd_targets(
+    labels: torch.Tensor,
+    prev_probs: torch.Tensor,
+    alpha: float,
+    has_prev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PS-KD's soft targets (Kim et al. 2021, "Self-Knowledge Distillation with Progressive
+    Refinement of Targets"): ``(1 - a_t) onehot(y) + a_t p^{t-1}`` with ``p^{t-1}`` the model's
+    own earlier prediction of the sample (``prev_probs``, B x K probabilities); rows without one
+    (``has_prev`` False) keep ``onehot(y)``, as the reference code's epoch 0. Rows with ``y < 0``
+    (unlabelled) are zero."""
+    onehot = F.one_hot(labels.clamp_min(0), prev_probs.shape[1]).float()
+    mixed = (1.0 - alpha) * onehot + alpha * prev_probs.float()
+    if has_prev is not None:
+        mixed = torch.where(has_prev[:, None], mixed, onehot)
+    return mixed * (labels >= 0).float()[:, None]
+
+
+def pskd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    prev_probs: torch.Tensor,
+    alpha: float,
+    has_prev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PS-KD: cross-entropy to :func:`pskd_targets`,
+    ``(1/B_l) sum_{i labelled} -sum_c [(1 - a_t) y_ic + a_t p^{t-1}_ic] log softmax(z_i)_c``
+    (the reference's ``(-targets * log_softmax(z)).mean(0).sum()``, over the labelled samples:
+    unlabelled ones have no target here; 0 for a batch without labels)."""
+    targets = pskd_targets(labels, prev_probs, alpha, has_prev)
+    per_sample = -(targets * F.log_softmax(student_logits.float(), dim=1)).sum(1)
+    return per_sample.sum() / (labels >= 0).sum().clamp_min(1)
+
+
+def _pseudo_labels(member_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The labels, with each unlabelled sample's (``y < 0``, or no labels at all) replaced by
+    the ensemble's prediction: the argmax of the members' mean probability (T = 1)."""
+    guess = member_logits.float().softmax(2).mean(1).argmax(1)
+    return guess if labels is None else torch.where(labels >= 0, labels, guess)
+
+
+def entropy_weights(member_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy-based multi-teacher weights (EBKD, Kwon et al. 2020, "Adaptive Knowledge
+    Distillation Based on Entropy"), per sample: ``H_k = -sum_c p_kc log p_kc`` of member k's
+    prediction ``p_k = softmax(z_k)`` (T = 1, as the CA-MKD repository's EBKD branch) and
+    ``w_k = (1 - H_k / sum_j H_j) / (K - 1)``. METHODS.md's ``1 - H_k / sum_j H_j`` sums to
+    ``K - 1``; divided by ``K - 1`` (as CA-MKD's weights are) the weights sum to 1 per sample,
+    so ``alpha`` means the same for every weighting. ``member_logits``: B x K x C; returns
+    B x K. Every member certain (all ``H = 0``): equal weights ``1/K``."""
+    k = member_logits.shape[1]
+    log_p = F.log_softmax(member_logits.float(), dim=2)
+    h = -(log_p.exp() * log_p).sum(2)  # B x K
+    total = h.sum(1, keepdim=True)
+    w = (1.0 - h / total.clamp_min(1e-12)) / (k - 1)
+    return torch.where(total > 1e-12, w, torch.full_like(w, 1.0 / k))
+
+
+def ca_mkd_weights(member_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Confidence-aware multi-teacher weights (CA-MKD, Zhang et al. 2022, "Confidence-Aware
+    Multi-Teacher Knowledge Distillation", eq. 2), per sample: ``L_k = CE(z_k, y)`` of member k
+    (T = 1) and ``w_k = (1 - softmax_k(L)_k) / (K - 1)``, which sum to 1: a member that is
+    confidently right weighs most. Unlabelled samples (``y < 0``) take the ensemble's prediction
+    as ``y`` (the argmax of the members' mean probability): weights by agreement with the
+    ensemble. ``member_logits``: B x K x C; returns B x K."""
+    b, k, c = member_logits.shape
+    y = _pseudo_labels(member_logits, labels)
+    z = member_logits.float()
+    ce = F.cross_entropy(z.reshape(b * k, c), y.repeat_interleave(k), reduction="none")
+    return (1.0 - ce.reshape(b, k).softmax(1)) / (k - 1)
+
+
+def weighted_mixture_logits(
+    member_logits: torch.Tensor, weights: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T log(sum_k w_k softmax(z_k / T))`` (B x C): logits whose softmax at T is the members'
+    per-sample weighted mixture ``p_w = sum_k w_k p_k`` (weights summing to 1 per sample). With
+    ``w_k = 1/K`` it is :class:`kdbench.teacher.EnsembleTeacher`'s mean. Training on it with
+    :func:`kd_loss` gives the student the gradient of :func:`weighted_kd_loss`: the two differ
+    by ``T^2 (1/B) sum_i [H(p_w,i) - sum_k w_ik H(p_ik)]``, which is free of the student."""
+    _check_temperature("weighted_mixture_logits", temperature)
+    probs = (member_logits.float() / temperature).softmax(2)
+    mix = (weights.float()[:, :, None] * probs).sum(1)
+    return temperature * mix.clamp_min(1e-12).log()
+
+
+def weighted_kd_loss(
+    student_logits: torch.Tensor,
+    member_logits: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """The multi-teacher KD term of METHODS.md: ``(1/B) sum_i sum_k w_ik T^2 KL(p_ik || q_i)``
+    with ``p_ik = softmax(z_ik / T)``, ``q_i = softmax(z_s,i / T)`` (the CA-MKD repository's
+    per-sample ``DistillKL(is_ca=True)`` weighted and summed; it further divides by K, i.e.
+    an ``alpha`` K times smaller). kdbench trains with the same gradient through
+    :func:`weighted_mixture_logits` (every logit method then sees one teacher distribution)."""
+    _check_temperature("weighted_kd_loss", temperature)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=1)[:, None, :]
+    log_p = F.log_softmax(member_logits.float() / temperature, dim=2)
+    kl = (log_p.exp() * (log_p - log_q)).sum(2)  # B x K
+    return temperature**2 * (weights.float() * kl).sum(1).mean()

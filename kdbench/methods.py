@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +47,23 @@ def direct_loss(loss: Callable) -> Callable:
     return loss
 
 
+class TermOutput(NamedTuple):
+    """What a term's ``forward`` may return instead of one tensor: its value (weighted by beta)
+    and named extra terms added as they are, e.g. an adversary's own loss (trained by its own
+    optimizer, see :func:`kdbench.schemes.base.own_optimizer`) and metrics (names ending in
+    ``#``: logged, not optimised)."""
+
+    value: torch.Tensor
+    extra: dict[str, torch.Tensor]
+
+
 class Term(nn.Module):
     """The method's own (beta-weighted) loss term. ``taps`` names what it needs from both models."""
 
     taps: frozenset[str] = frozenset()
+    # False: the term makes its own targets and reads no teacher output (Tf-KD's virtual
+    # teacher); a method made of such terms needs no teacher network (Method.teacher_free)
+    needs_teacher: bool = True
 
     def build(
         self, method: str, student: Outputs, teacher: Outputs, student_name: str, teacher_name: str
@@ -378,7 +393,16 @@ class Method(nn.Module):
 
     @property
     def uses_teacher(self) -> bool:
-        return self.alpha > 0 or (self.term is not None and self.beta > 0)
+        """Whether a teacher's outputs enter the loss (its KD term, or a term that reads them)."""
+        term = self.term is not None and self.beta > 0 and self.term.needs_teacher
+        return self.alpha > 0 or term
+
+    @property
+    def teacher_free(self) -> bool:
+        """Whether the method distils from no teacher network at all: its term makes its own
+        targets (``Term.needs_teacher`` False, e.g. Tf-KD's virtual teacher) and alpha is 0.
+        (``none`` is not: it trains without a teacher but is compared with one.)"""
+        return not self.uses_teacher and self.term is not None and self.beta > 0
 
     def copy(self) -> Method:
         """An independent copy (own auxiliary modules), e.g. one per direction between peers."""
@@ -391,22 +415,30 @@ class Method(nn.Module):
     def distill_terms(
         self, s: Outputs, t: Outputs, y: torch.Tensor, epoch: int, index: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """``alpha * KD`` and ``beta * term`` towards the (detached) teacher outputs ``t``."""
+        """``alpha * KD`` and ``beta * term`` towards the (detached) teacher outputs ``t``; with
+        ``t`` None only a term that needs no teacher (``Term.needs_teacher`` False) runs."""
         if self.logit_std:  # Sun et al. 2024: z -> (z - mean) / std before the logit losses
             s = Outputs(logit_standardize(s.logits), s.features)
-            t = Outputs(logit_standardize(t.logits), t.features)
+            if t is not None:  # None: a teacher-free method (no teacher outputs)
+                t = Outputs(logit_standardize(t.logits), t.features)
         terms: dict[str, torch.Tensor] = {}
-        if self.alpha > 0:
+        if self.alpha > 0 and t is not None:
             terms["kd"] = self.alpha * kd_loss(s.logits, t.logits, self.temperature)
-        if self.term is not None and self.beta > 0:
-            terms[self.name] = self.beta * self.term(s, t, y, epoch, index)
+        term = self.term is not None and self.beta > 0
+        if term and (t is not None or not self.term.needs_teacher):
+            out = self.term(s, t, y, epoch, index)
+            if isinstance(out, TermOutput):
+                terms[self.name] = self.beta * out.value
+                terms.update(out.extra)
+            else:
+                terms[self.name] = self.beta * out
         return terms
 
     def forward(
         self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int, index=None
     ) -> dict[str, torch.Tensor]:
         terms = self.hard_label_terms(s, y)
-        if t is not None:
+        if t is not None or self.teacher_free:  # teacher-free: the term's own targets
             terms.update(self.distill_terms(s, t, y, epoch, index))
         return terms
 
@@ -428,3 +460,126 @@ def build_method(cfg) -> Method:
         term,
         cfg.get("logit_std", False),
     )
+
+
+class Discriminator(nn.Module):
+    """An MLP giving one raw score per sample (``D = sigmoid(score)``): linear layers of widths
+    ``hidden`` with LeakyReLU(0.2) between them (the DCGAN discriminator's activation, Radford
+    et al. 2016), then one output. ``frozen=True`` runs it with its parameters detached: the
+    student's adversarial loss reaches the student, never D (D's own loss trains D)."""
+
+    def __init__(self, in_features: int, hidden: list[int]) -> None:
+        super().__init__()
+        widths = [in_features, *hidden, 1]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        x = x.flatten(1).float()
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            w, b = layer.weight, layer.bias
+            if frozen:
+                w, b = w.detach(), b.detach()
+            x = F.linear(x, w, b)
+            if k < last:
+                x = F.leaky_relu(x, 0.2)
+        return x.squeeze(1)
+
+
+class AdversarialTerm(Term):
+    """Adversarial distillation (METHODS.md "Variants"; Xu et al. 2018, "Training Shallow and
+    Thin Networks for Acceleration via Knowledge Distillation with Conditional Adversarial
+    Networks"; Wang et al. 2018, KDGAN): a discriminator D tells the teacher's ``phi(T(x))``
+    (real) from the student's ``phi(S(x))`` (fake), ``phi`` the logits or a feature tap
+    (``on``), in the game ``min_S max_D E[log D(phi(T(x)))] + E[log(1 - D(phi(S(x))))]``.
+
+    Per step, from one forward of each model and one backward (simultaneous updates):
+
+    - D's loss :func:`kdbench.losses.discriminator_loss` on the detached outputs, term
+      ``disc``, trained by D's own optimizer (``optim``: :func:`kdbench.schemes.base.
+      own_optimizer`);
+    - the student's loss :func:`kdbench.losses.adversarial_generator_loss` through D with its
+      parameters detached, the term's value (weighted by beta), non-saturating by default
+      (``saturating=true``: the literal minimax ``log(1 - D)``);
+    - D's accuracy :func:`kdbench.losses.discriminator_accuracy`, logged as
+      ``train/disc_acc`` (0.5: D cannot tell them apart).
+
+    A student feature of another width than the teacher's goes through a linear adapter (trained
+    with the student, not part of it). Under ``scheme=online`` each direction has its own D
+    (one method copy per ordered pair), as in Chung et al. 2020 (AFD). D and the adapter are
+    auxiliary parameters, never the deployed student's."""
+
+    def __init__(
+        self,
+        on: str = "logits",
+        hidden: list[int] | tuple[int, ...] = (64, 64),
+        optim=None,
+        saturating: bool = False,
+    ) -> None:
+        super().__init__()
+        self.on, self.hidden, self.saturating = str(on), [int(h) for h in hidden], bool(saturating)
+        self.optim = dict(optim) if optim is not None else {"name": "adam", "lr": 2e-4}
+        self.tap = self.on
+        self.taps = frozenset() if self.on == "logits" else frozenset({self.on})
+        self.adapter: nn.Module = nn.Identity()
+        self.disc: Discriminator | None = None
+
+    def _phi(self, out: Outputs) -> torch.Tensor:
+        return out.logits if self.on == "logits" else out.features[self.on]
+
+    def build(self, method, student, teacher, student_name, teacher_name):
+        from kdbench.schemes.base import own_optimizer
+
+        if self.on == "logits":
+            s, t = student.logits, teacher.logits
+        else:
+            s, t = self.single_taps(method, student, teacher, student_name, teacher_name)
+        s_dim, t_dim = math.prod(s.shape[1:]), math.prod(t.shape[1:])
+        if s_dim != t_dim:
+            self.adapter = nn.Sequential(nn.Flatten(), nn.Linear(s_dim, t_dim))
+        self.disc = own_optimizer(Discriminator(t_dim, self.hidden), self.optim)
+
+    def forward(self, s, t, y, epoch, index):
+        from kdbench.losses import (
+            adversarial_generator_loss,
+            discriminator_accuracy,
+            discriminator_loss,
+        )
+
+        fake = self.adapter(self._phi(s)).flatten(1)
+        real = self._phi(t).detach().flatten(1)
+        scores = self.disc(torch.cat([real, fake.detach().to(real.dtype)]))
+        d_real, d_fake = scores[: len(real)], scores[len(real) :]
+        student = adversarial_generator_loss(self.disc(fake, frozen=True), self.saturating)
+        return TermOutput(
+            student,
+            {
+                "disc": discriminator_loss(d_real, d_fake),
+                "disc_acc#": discriminator_accuracy(d_real, d_fake),
+            },
+        )
+
+
+class TfKDTerm(Term):
+    """Tf-KD_reg (Yuan et al. 2020, "Revisiting Knowledge Distillation via Label Smoothing
+    Regularization"): a virtual teacher with probability ``a = correct_prob`` on the true class
+    and ``(1 - a) / (K - 1)`` on each other class, distilled at ``temperature``
+    (:func:`kdbench.losses.tfkd_loss`; ``form`` the reference code's or METHODS.md's KD form).
+    It reads no teacher output (``needs_teacher`` False): a method made of it alone
+    (``alpha`` 0, ``Method.teacher_free``) trains no teacher and loads none under
+    ``scheme=offline``, the "is KD just label smoothing?" control beside ``kd``. Unlabelled
+    (transfer, ``y = -1``) samples have no true class: skipped."""
+
+    needs_teacher = False
+
+    def __init__(
+        self, correct_prob: float = 0.99, temperature: float = 20.0, form: str = "reference"
+    ) -> None:
+        """Values checked with the config (:func:`kdbench.validate.check_variants_self`)."""
+        super().__init__()
+        self.correct_prob, self.temperature, self.form = correct_prob, temperature, form
+
+    def forward(self, s, t, y, epoch, index):
+        from kdbench.losses import tfkd_loss
+
+        return tfkd_loss(s.logits, y, self.correct_prob, self.temperature, self.form)

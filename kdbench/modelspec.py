@@ -24,7 +24,7 @@ from kdbench.errors import ConfigError
 
 MODEL_KEYS = ("name", "arch", "_target_", "kwargs", "taps", "written_for")
 TEACHER_RECIPE_KEYS = ("checkpoint", "seed", "epochs", "batch_size", "optim")
-ENSEMBLE_KEYS = ("members", "feature_member")
+ENSEMBLE_KEYS = ("members", "feature_member", "weighting")
 TAP_NAMES = ("stages", "hint", "embedding")  # as kdbench.taps.TAP_NAMES (that module needs torch)
 ALLOWED_KEYS = {
     "student": MODEL_KEYS,

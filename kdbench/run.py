@@ -7,7 +7,6 @@ untrained models on a dummy batch).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import tempfile
@@ -31,6 +30,7 @@ class Context:
     teacher: object | None
     scheme: type | None = None
     info: dict = field(default_factory=dict)
+    deploy: object | None = None  # the deploy form (kdbench.deploy.Form), None for deploy=none
 
 
 def _quiet_lightning() -> None:
@@ -145,6 +145,11 @@ def prepare(cfg: DictConfig) -> Context:
         make_trainer(cfg, Path(tmp), logger=False, enable_checkpointing=False)
     ctx = Context(cfg, dm, method, student, teacher, scheme)
     scheme.prepare(ctx)
+    from kdbench.deploy import form_of
+
+    ctx.deploy = form_of(cfg)
+    if ctx.deploy is not None:  # before data and training (deploy=qat: fake quantization)
+        ctx.deploy.prepare(ctx)
     dm.use_transfer = method.uses_teacher
     dm.steps_per_call = dm.resolve_steps(cfg.get("steps_per_call", 1))
     dm.shuffle_seed = cfg.seed
@@ -204,7 +209,12 @@ class Runner:
         self.cfg, self.dm, self.root, self.logger = cfg, dm, root, logger
         self.callbacks = list(callbacks)
         self.resume = resume or Resume()  # what a resumed run continues (checkpoints, done fits)
-        self.artifacts = root / "artifacts"
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        # the other processes of a run launched outside Lightning (torchrun, srun) write their
+        # copies elsewhere: rank 0 uploads the run's artifacts while they finish
+        rank = getattr(rank_zero_only, "rank", 0)
+        self.artifacts = root / ("artifacts" if rank == 0 else f"artifacts_rank{rank}")
         self.artifacts.mkdir(parents=True, exist_ok=True)
 
     def done(self, name: str, metrics: dict[str, float]) -> None:
@@ -219,15 +229,21 @@ class Runner:
                 self.logger.run_id, f"{tracking.DONE_TAG}_{name}", str(weights)
             )
 
-    def fit_and_test(self, module, student_model, name: str = "") -> dict[str, float]:
+    def fit_and_test(
+        self, module, student_model, name: str = "", datamodule=None
+    ) -> dict[str, float]:
         """Fit ``module``; test the last epoch (``test/acc`` ...) and the best validation epoch
-        (``test/acc_best`` ...); save the student's state dicts as artifacts."""
+        (``test/acc_best`` ...); save the student's state dicts as artifacts. ``datamodule``:
+        what the fit and tests read (default: the run's; e.g. generated training inputs with
+        the run's validation and test sets, ``scheme=datafree``)."""
         import lightning as L
         import torch
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         from kdbench import tracking
         from kdbench.methods import Term
+
+        dm = datamodule if datamodule is not None else self.dm
 
         # a resumed fit goes on writing where it was: its best checkpoint (and Lightning's record
         # of it, which is dropped when the directory changes) stays the best-epoch candidate
@@ -249,18 +265,18 @@ class Runner:
         prefix = f"{name}_" if name else ""
         for term in module.modules():
             if isinstance(term, Term):
-                term.bind_data(self.dm)
+                term.bind_data(dm)
         module.tag_prefix = prefix
         if self.logger:
             last = (ckpt_dir / "last.ckpt").resolve()
             tag = tracking.checkpoint_tag(name)
             self.logger.experiment.set_tag(self.logger.run_id, tag, str(last))
-        trainer.fit(module, datamodule=self.dm, ckpt_path=resume)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
         # metrics come through trainer.callback_metrics: a spawned/forked DDP fit runs in other
         # processes, whose module attributes never reach this one
         best_val = trainer.callback_metrics.get("val/acc_best")
         module.test_tag = "last"
-        trainer.test(module, datamodule=self.dm, verbose=False)
+        trainer.test(module, datamodule=dm, verbose=False)
         metrics = test_metrics(trainer, best=False)
         torch.save(student_model.state_dict(), self.artifacts / f"{prefix}student.pt")
         aux = {
@@ -271,7 +287,7 @@ class Runner:
         if ckpt.best_model_path:
             last = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.test_tag = "best"
-            trainer.test(module, datamodule=self.dm, ckpt_path=ckpt.best_model_path, verbose=False)
+            trainer.test(module, datamodule=dm, ckpt_path=ckpt.best_model_path, verbose=False)
             metrics.update(test_metrics(trainer, best=True))
             # this run's own checkpoint (holds optimizer and loop state: not weights-only)
             best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
@@ -354,7 +370,7 @@ def run(
     try:
         ctx.dm.prepare_data()
         ctx.dm.setup()
-        if ctx.scheme.needs_pretrained_teacher:
+        if ctx.scheme.needs_pretrained_teacher and not ctx.info.get("teacher_free"):
             ctx.info["teacher"] = resolve_teacher(cfg, ctx.dm, ctx.teacher, root)
         tags = {**(tags or {}), tracking.HASH_TAG: digest}
         run_id = resume.run_id if resume else None
@@ -362,6 +378,8 @@ def run(
         tracking.log_config(logger, cfg)
         runner = Runner(cfg, ctx.dm, root, logger, callbacks, resume=resume)
         metrics = ctx.scheme.execute(ctx, runner)
+        if ctx.deploy is not None:  # (deploy=qat: the fake quantization taken out)
+            ctx.deploy.after_fit(ctx)
         metrics["student/params"] = count_parameters(ctx.student.model)
         metrics["teacher/params"] = count_parameters(ctx.teacher.model)
         if cfg.efficiency.enabled:
@@ -371,6 +389,10 @@ def run(
             say(f"measuring efficiency on {cfg.efficiency.device}")
             metrics.update(compare(ctx.student, ctx.teacher, ctx.dm.input_shape, cfg.efficiency))
         metrics["aux/params"] = count_parameters(ctx.method) + ctx.info.get("aux_params", 0)
+        if ctx.deploy is not None:  # the post-step: deploy/<form>/... metrics, its artifacts
+            from kdbench.deploy import post_step
+
+            metrics.update(post_step(ctx.deploy, ctx, runner.artifacts, logger))
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
         teacher_info = ctx.info.get("teacher", {})
         logger.experiment.set_tag(
@@ -392,8 +414,8 @@ def run(
         run_id = getattr(logger, "_run_id", None)  # (reading logger.run_id would create one)
         if run_id is not None:
             exc.kdbench_run_id = run_id
-            with contextlib.suppress(Exception):  # e.g. a full store: the cause is reported
-                tracking.set_status(logger, "KILLED" if pruned or signum else "FAILED")
+            status = "KILLED" if pruned or signum else "FAILED"
+            tracking.set_status_after_error(logger, tracking.tracking_uri(cfg), status)
         if signum:
             stopped = Interrupted(signum)
             stopped.kdbench_run_id = run_id

@@ -97,13 +97,26 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str) -> dic
     return meta
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> bool:
+def save_checkpoint(
+    path: Path, model: nn.Module, meta: dict, what: str = "trained teacher"
+) -> bool:
     """Write atomically: a crash leaves the old file or none, never half of one. False (after a
     notice) where it cannot be written: the run goes on with the teacher in memory."""
     from kdbench.cachefile import atomic_write
 
     state = {"state_dict": model.state_dict(), "meta": meta}
-    return atomic_write(path, lambda f: torch.save(state, f), "trained teacher")
+    return atomic_write(path, lambda f: torch.save(state, f), what)
+
+
+def alone_if_launched() -> dict:
+    """Trainer options for a teacher trained in one process of a run whose processes were
+    started outside Lightning (``torchrun``, ``srun``: each runs the whole command): that
+    process trains it on one device, alone, under the cache lock, and the others load it once
+    it is saved. A fit spanning the processes would wait forever for those waiting on the lock."""
+    launched = (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    )
+    return {"devices": 1, "num_nodes": 1, "strategy": "auto"} if launched else {}
 
 
 def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root: Path) -> dict:
@@ -134,6 +147,7 @@ def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root:
                 max_epochs=spec.epochs,
                 logger=False,
                 enable_checkpointing=False,
+                **alone_if_launched(),
             )
             trainer.fit(module, datamodule=dm)
             val = trainer.callback_metrics.get("val/acc_best")
@@ -167,27 +181,42 @@ def resolve_one(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root: P
         / "teachers"
         / (f"{cfg.dataset.name}-{model_name(spec)}-{key}.pt")
     )
+    return resolve_cached(
+        path,
+        model,
+        model_id(spec),
+        lambda: train_teacher(cfg, spec, dm, model, root),
+        f"teacher {model_name(spec)}",
+    )
+
+
+def resolve_cached(path: Path, model: nn.Module, arch: str, train, what: str) -> dict:
+    """Fill ``model`` from the cache entry ``path``, or train it (``train()`` returns its meta)
+    and save it there; return where the weights came from. ``what`` names it in messages
+    (``teacher cnn1d``, ``assistant 1 cnn1d``): a trained teacher, or anything cached like one
+    (the assistants of ``scheme=takd``)."""
+    kind = what.split()[0]
 
     def cached() -> dict | None:
         try:
-            meta = load_checkpoint(path, model, model_id(spec))
+            meta = load_checkpoint(path, model, arch)
         except KdbenchError as exc:
-            print(f"kdbench: retraining the teacher over an unusable cache entry ({exc})")
+            print(f"kdbench: retraining the {kind} over an unusable cache entry ({exc})")
             return None
         return {"source": "cache", "path": str(path), **meta}
 
     if path.exists() and (info := cached()) is not None:
         return info
     # one process trains a teacher that several need at once; the others wait, then load it
-    waiting = f"kdbench: waiting for another process training the same teacher ({path})"
+    waiting = f"kdbench: waiting for another process training the same {kind} ({path})"
     seen = _identity(path)
     with file_lock(path, waiting):
         # written meanwhile by the process that held the lock
         if _identity(path) not in (None, seen) and (info := cached()) is not None:
             return info
-        print(f"kdbench: training teacher {model_name(spec)} (not cached yet; saved to {path})")
-        meta = train_teacher(cfg, spec, dm, model, root)
-        saved = save_checkpoint(path, model, meta)
+        print(f"kdbench: training {what} (not cached yet; saved to {path})")
+        meta = train()
+        saved = save_checkpoint(path, model, meta, f"trained {kind}")
     return {"source": "trained", "path": str(path) if saved else None, **meta}
 
 
@@ -204,18 +233,45 @@ def resolve_teacher(cfg: DictConfig, dm, teacher, root: Path) -> dict:
     return {"source": sources.pop() if len(sources) == 1 else "mixed", "members": infos}
 
 
+MEMBER_LOGITS = "ensemble_members"  # the feature holding every member's logits (B x K x C)
+
+
 class EnsembleTeacher(nn.Module):
     """Several teachers as one: the response signal is the average of the members' softened
     probabilities at the method's temperature T (returned as logits ``T * log(mean_m softmax(
     z_m / T))``, whose softmax at T is exactly that average); features come from the member
-    named by ``teacher.feature_member``."""
+    named by ``teacher.feature_member``.
 
-    def __init__(self, members: list, temperature: float, feature_member: int | None) -> None:
+    ``weighting`` (``teacher.weighting``) weighs the members per sample instead of equally
+    (METHODS.md, multi-teacher: ``gamma CE + alpha sum_k w_k T^2 KL(p_k || q)``):
+
+    - ``mean``: ``w_k = 1/K`` (the average above, unchanged);
+    - ``entropy``: :func:`kdbench.losses.entropy_weights` (EBKD), the more certain member more;
+    - ``ca_mkd``: :func:`kdbench.losses.ca_mkd_weights` (CA-MKD), the member whose prediction
+      has the lower cross-entropy to the label more; unlabelled samples measure it against the
+      ensemble's prediction.
+
+    Weights sum to 1 per sample. For ``entropy`` and ``ca_mkd`` the forward pass also returns
+    every member's logits (feature ``ensemble_members``: cached with the other teacher outputs)
+    and :meth:`weigh` turns them, with the labels, into the weighted mixture
+    :func:`kdbench.losses.weighted_mixture_logits`: KD to it has the gradient of the weighted
+    sum of per-member KD terms, and every logit method (hard, dkd, dist, ...) sees one teacher
+    distribution, as with ``mean``. Evaluation (``teacher/test/acc``, agreement) reports the
+    members' average."""
+
+    def __init__(
+        self,
+        members: list,
+        temperature: float,
+        feature_member: int | None,
+        weighting: str = "mean",
+    ) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.model = nn.ModuleList([m.model for m in members])  # the deployed networks
         self.temperature = float(temperature)
         self.feature_member = feature_member
+        self.weighting = str(weighting)
 
     def forward(self, x: torch.Tensor, taps=frozenset()) -> Outputs:
         outs = [
@@ -225,7 +281,34 @@ class EnsembleTeacher(nn.Module):
         t = self.temperature
         logits = t * ensemble_logits([o.logits / t for o in outs])
         features = outs[self.feature_member].features if self.feature_member is not None else {}
+        if self.weighting != "mean":
+            members = torch.stack([o.logits.float() for o in outs], 1)
+            features = {**features, MEMBER_LOGITS: members}
         return Outputs(logits, features)
+
+    def member_weights(self, member_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights (B x K) of ``teacher.weighting``."""
+        from kdbench.losses import ca_mkd_weights, entropy_weights
+
+        if self.weighting == "entropy":
+            return entropy_weights(member_logits)
+        if self.weighting == "ca_mkd":
+            return ca_mkd_weights(member_logits, y)
+        b, k = member_logits.shape[:2]
+        return member_logits.new_full((b, k), 1.0 / k)
+
+    def weigh(self, out: Outputs, y: torch.Tensor) -> tuple[Outputs, torch.Tensor | None]:
+        """The teacher outputs ``out`` (of :meth:`forward`, or cached) with the response signal
+        weighted per sample by ``teacher.weighting``, and the weights (B x K); ``mean``: ``out``
+        itself and None."""
+        from kdbench.losses import weighted_mixture_logits
+
+        if self.weighting == "mean":
+            return out, None
+        members = out.features[MEMBER_LOGITS]
+        w = self.member_weights(members, y)
+        features = {k: v for k, v in out.features.items() if k != MEMBER_LOGITS}
+        return Outputs(weighted_mixture_logits(members, w, self.temperature), features), w
 
 
 def build_ensemble(cfg: DictConfig, dm, build_member) -> EnsembleTeacher:
@@ -236,4 +319,9 @@ def build_ensemble(cfg: DictConfig, dm, build_member) -> EnsembleTeacher:
         raise ConfigError(
             "teacher.feature_member", fm, f"must be a member index 0..{len(specs) - 1}"
         )
-    return EnsembleTeacher([build_member(s) for s in specs], cfg.method.temperature, fm)
+    return EnsembleTeacher(
+        [build_member(s) for s in specs],
+        cfg.method.temperature,
+        fm,
+        cfg.teacher.get("weighting") or "mean",
+    )

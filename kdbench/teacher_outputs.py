@@ -38,11 +38,14 @@ def weights_digest(module: torch.nn.Module) -> str:
 def cache_key(teacher, dm, taps: frozenset[str], device: torch.device) -> str:
     """Everything that determines the outputs: weights, data (and its view), taps, device type."""
     tap_paths = {t: getattr(teacher, "taps", {}).get(t) for t in sorted(taps)}
+    ensemble = [getattr(teacher, "temperature", None), getattr(teacher, "feature_member", 0)]
+    if getattr(teacher, "weighting", "mean") != "mean":  # the outputs hold each member's logits
+        ensemble.append("members")
     what = {
         "version": CACHE_VERSION,
         "weights": weights_digest(teacher),
         "teacher": type(teacher).__name__,
-        "ensemble": [getattr(teacher, "temperature", None), getattr(teacher, "feature_member", 0)],
+        "ensemble": ensemble,
         "data": dm.cache_key(),
         "data_class": f"{type(dm).__module__}.{type(dm).__qualname__}",
         "transfer": bool(dm.use_transfer),

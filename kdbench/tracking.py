@@ -213,3 +213,21 @@ def set_status(logger, status: str) -> None:
     """Mark the run FINISHED (everything recorded), FAILED (never counts as a result) or KILLED
     (stopped by a signal or pruned; resumable)."""
     logger.experiment.set_terminated(logger.run_id, status)
+
+
+def set_status_after_error(logger, uri: str, status: str) -> None:
+    """:func:`set_status` on the error path, where it must not raise: a signal (raised as
+    KeyboardInterrupt wherever the run was) can leave the logger's client inside an unfinished
+    store transaction, so a fresh client tries again before giving up (a full or unreachable
+    store: the run stays RUNNING and the original error is what is reported)."""
+    try:
+        set_status(logger, status)
+        return
+    except Exception:  # noqa: BLE001 - retried below with a fresh connection
+        pass
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).set_terminated(logger._run_id, status)
+    except Exception:  # noqa: BLE001 - the cause of the run's end is reported, not this
+        pass

@@ -59,6 +59,17 @@ def check_optim(o: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}.name", o.name, f"must be one of {', '.join(OPTIMIZERS)}")
     _number(f"{key}.lr", o.lr, 0, strict=True)
     _number(f"{key}.weight_decay", o.get("weight_decay", 0.0), 0, strict=False)
+    betas = o.get("betas")
+    if betas is not None:
+        ok = isinstance(betas, ListConfig | list) and len(betas) == 2
+        ok = ok and all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        )
+        if not ok:
+            shown = list(betas) if isinstance(betas, ListConfig) else betas
+            raise ConfigError(
+                f"{key}.betas", shown, "must be two numbers in [0, 1), e.g. [0.9, 0.999]"
+            )
     scheduler = o.get("scheduler", "none")
     if str(scheduler).lower() not in SCHEDULERS:
         raise ConfigError(f"{key}.scheduler", scheduler, f"must be one of {', '.join(SCHEDULERS)}")
@@ -366,6 +377,110 @@ def check_tune(cfg: DictConfig) -> None:
     check_tracking_uri(storage, key="tune.storage")  # the same cheap checks as MLflow's store
 
 
+def check_adversarial_datafree(cfg: DictConfig) -> None:
+    """``method=adversarial``'s term options and ``scheme=datafree``'s options."""
+    term = cfg.method.get("term")
+    if term is not None and str(term.get("_target_", "")).endswith(".AdversarialTerm"):
+        on = term.get("on", "logits")
+        if on not in ("logits", "embedding"):
+            raise ConfigError("method.term.on", on, "must be logits or embedding")
+        hidden = term.get("hidden", [])
+        ok = isinstance(hidden, ListConfig | list) and all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+        )
+        if not ok:
+            raise ConfigError(
+                "method.term.hidden", hidden, "must be a list of layer widths >= 1, e.g. [64, 64]"
+            )
+        if not isinstance(term.get("saturating", False), bool):
+            raise ConfigError("method.term.saturating", term.saturating, "must be true or false")
+        if term.get("optim") is None:
+            raise ConfigError("method.term.optim", None, "the discriminator needs its optimizer")
+        check_optim(term.optim, "method.term.optim")
+    s = cfg.scheme
+    if not str(s.get("_target_", "")).endswith("schemes.datafree.DataFree"):
+        return
+    m = cfg.method
+    if m.alpha == 0 and (m.get("term") is None or m.beta == 0):  # labels alone (none)
+        raise ConfigError(
+            "method",
+            m.name,
+            "scheme=datafree trains on generated samples, which have no labels, and this "
+            "method learns from labels alone: pick one that learns from the teacher "
+            "(e.g. method=kd)",
+        )
+    for key in ("steps_per_epoch", "latent_dim"):
+        _positive_int(f"scheme.{key}", s.get(key))
+    _int_at_least("scheme.generator_width", s.get("generator_width", 128), 2)
+    if s.get("batch_size") is not None:
+        _positive_int("scheme.batch_size", s.batch_size)
+    for key in ("one_hot", "activation", "entropy", "bn_weight"):
+        _number(f"scheme.{key}", s.get(key), 0, strict=False)
+    check_optim(s.generator_optim, "scheme.generator_optim")
+    ref = s.get("reference") or {}
+    none_acc, kd_acc = ref.get("none_acc"), ref.get("kd_acc")
+    if (none_acc is None) != (kd_acc is None):
+        raise ConfigError(
+            "scheme.reference",
+            {"none_acc": none_acc, "kd_acc": kd_acc},
+            "give both none_acc and kd_acc (test accuracies in [0, 1]) or neither",
+        )
+    if none_acc is not None:
+        _fraction("scheme.reference.none_acc", none_acc, "in [0, 1] (a test accuracy)")
+        _fraction("scheme.reference.kd_acc", kd_acc, "in [0, 1] (a test accuracy)")
+        if kd_acc <= none_acc:
+            raise ConfigError(
+                "scheme.reference.kd_acc",
+                kd_acc,
+                f"must exceed none_acc={none_acc}: recovered = (acc - none) / (kd - none)",
+            )
+
+
+ENSEMBLE_WEIGHTINGS = ("mean", "entropy", "ca_mkd")  # kdbench.teacher.EnsembleTeacher
+PSKD_TARGETS = ("epoch", "last_batch")  # kdbench.schemes.pskd.PSKD
+TFKD_FORMS = ("reference", "kd")  # kdbench.losses.tfkd_loss (that module needs torch)
+
+
+def check_variants_self(cfg: DictConfig) -> None:
+    """``teacher.weighting`` (``teacher=ensemble``), ``method=tfkd``'s term options and
+    ``scheme=pskd``'s options."""
+    weighting = cfg.teacher.get("weighting")
+    if weighting is not None and weighting not in ENSEMBLE_WEIGHTINGS:
+        raise ConfigError(
+            "teacher.weighting",
+            weighting,
+            f"must be one of {', '.join(ENSEMBLE_WEIGHTINGS)} (per-sample weights of the "
+            "ensemble's members: average, entropy-based, confidence-aware CA-MKD)",
+        )
+    term = cfg.method.get("term")
+    if term is not None and str(term.get("_target_", "")).endswith(".TfKDTerm"):
+        _fraction(
+            "method.term.correct_prob",
+            term.get("correct_prob"),
+            "in (0, 1): the virtual teacher's probability of the true class, e.g. 0.99",
+            high_open=True,
+            low_open=True,
+        )
+        _number("method.term.temperature", term.get("temperature"), 0, strict=True)
+        if term.get("form") not in TFKD_FORMS:
+            raise ConfigError(
+                "method.term.form",
+                term.get("form"),
+                "must be reference (the Tf-KD repository's loss) or kd (KD at T, METHODS.md)",
+            )
+    s = cfg.scheme
+    if not str(s.get("_target_", "")).endswith("schemes.pskd.PSKD"):
+        return
+    if s.get("targets") not in PSKD_TARGETS:
+        raise ConfigError(
+            "scheme.targets",
+            s.get("targets"),
+            "must be epoch (PS-KD: each sample's prediction of the previous epoch) or "
+            "last_batch (DLB: the previous step's samples again, taught by that step)",
+        )
+    _fraction("scheme.alpha_T", s.get("alpha_T"), "in [0, 1] (PS-KD's a_T: 0.8 in the paper)")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs the config alone; raises :class:`ConfigError` (one line)."""
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -378,4 +493,9 @@ def check_config(cfg: DictConfig) -> None:
     check_optim(cfg.teacher.optim, "teacher.optim")
     check_resume(cfg.get("resume"))
     check_tracking_uri(cfg.mlflow.get("tracking_uri"))
+    from kdbench.deploy import check_deploy  # torch-free: the form's options, the deploy extra
+
+    check_deploy(cfg)
     check_model_config(cfg)  # teacher/student keys and specs (kdbench/modelspec.py)
+    check_variants_self(cfg)  # teacher.weighting, method=tfkd, scheme=pskd
+    check_adversarial_datafree(cfg)

@@ -841,6 +841,24 @@ def test_public_api() -> None:
         "logit_standardize",
         "VIDLoss",
         "CRDLoss",
+        # the variants of schemes and teachers (METHODS.md "Variants")
+        "byot_loss",
+        "byot_feature_loss",
+        "tfkd_loss",
+        "virtual_teacher_probs",
+        "pskd_targets",
+        "pskd_loss",
+        "entropy_weights",
+        "ca_mkd_weights",
+        "weighted_mixture_logits",
+        "weighted_kd_loss",
+        "discriminator_loss",
+        "discriminator_accuracy",
+        "adversarial_generator_loss",
+        "dafl_one_hot_loss",
+        "dafl_activation_loss",
+        "dafl_entropy_loss",
+        "bn_statistics_loss",
     }
     assert set(losses.__all__) == expected
     for name in expected:

@@ -29,10 +29,15 @@ def build_optimizer(params, cfg, total_steps: int):
     params = list(params)
     name = str(cfg.name).lower()
     fused = use_fused(params, cfg.get("fused", "auto"))
+    betas = tuple(cfg.get("betas", (0.9, 0.999)))  # torch's default; GANs often (0.5, 0.999)
     if name == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        opt = torch.optim.Adam(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, fused=fused
+        )
     elif name == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        opt = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, fused=fused
+        )
     elif name == "sgd":
         opt = torch.optim.SGD(
             params,
@@ -59,6 +64,25 @@ def build_optimizer(params, cfg, total_steps: int):
     if scheduler == "none":
         return opt, None, "step"
     raise ConfigError("optim.scheduler", scheduler, f"must be one of {', '.join(SCHEDULERS)}")
+
+
+# A term name ending in METRIC is a metric, not a loss: logged per epoch as train/<name> (without
+# the mark), never added to the optimised sum (e.g. a discriminator's accuracy, "disc_acc#").
+METRIC = "#"
+
+
+def own_optimizer(module: torch.nn.Module, optim) -> torch.nn.Module:
+    """Mark ``module`` (a discriminator, a generator) as trained by an optimizer of its own,
+    built from ``optim``: a complete ``optim``-style mapping (name, lr, and optionally
+    weight_decay (default 0), betas, scheduler (default none)), not merged with the run's
+    ``optim``. :meth:`SchemeModule.configure_optimizers` takes its parameters out of every
+    other group. Its loss is a term like any other: each term's gradient must reach only its
+    own parameters (the adversary's loss sees the student's outputs detached, the student's
+    adversarial loss sees the adversary's parameters detached), so one backward over the sum
+    of the terms serves both and the fast path of :meth:`SchemeModule.optimisation_step`
+    stays one backward and one step per optimizer (simultaneous updates)."""
+    module.own_optim = dict(optim)
+    return module
 
 
 class EvalMixin:
@@ -205,8 +229,16 @@ class SchemeModule(EvalMixin, L.LightningModule):
         return cfg
 
     def configure_optimizers(self):
+        from omegaconf import OmegaConf
+
         cfg, total = self.scaled_optim_cfg(), self.total_steps()
-        built = [build_optimizer(g, cfg, total) for g in self.param_groups()]
+        own = [m for m in self.modules() if getattr(m, "own_optim", None) is not None]
+        owned = {id(p) for m in own for p in m.parameters()}
+        groups = [[p for p in g if id(p) not in owned] for g in self.param_groups()]
+        built = [build_optimizer(g, cfg, total) for g in groups if g]
+        for m in own:  # modules with an optimizer of their own (see own_optimizer)
+            own_cfg = OmegaConf.create({"weight_decay": 0.0, **m.own_optim})
+            built.append(build_optimizer(m.parameters(), own_cfg, total))
         self._schedules = [(sched, interval) for _, sched, interval in built if sched is not None]
         states = self._restored.get("schedules")
         if states:  # resumed: the schedules go on where they stopped
@@ -291,9 +323,10 @@ class SchemeModule(EvalMixin, L.LightningModule):
     def optimisation_step(self, batch) -> None:
         terms = self.losses(batch)
         values = list(terms.values())
-        loss = values[0]
-        for v in values[1:]:
-            loss = loss + v
+        loss = None
+        for name, v in terms.items():
+            if name[-1] != METRIC:  # metrics are logged, not optimised
+                loss = v if loss is None else loss + v
         opts = self._opts
         for p in self._trained:  # opt.zero_grad(set_to_none=True) minus its profiler scope
             p.grad = None
@@ -347,6 +380,7 @@ class SchemeModule(EvalMixin, L.LightningModule):
             for name, total in zip(names, (values * sizes[:, None]).sum(0).tolist(), strict=True):
                 sums[name] = sums.get(name, 0.0) + total
         for name, total in sums.items():
+            name = name.removesuffix(METRIC)
             self.log(f"train/{name}", total / count, sync_dist=self.trainer.world_size > 1)
         self._parts = []
 

@@ -6,8 +6,9 @@ import torch
 
 from kdbench import teacher_outputs as output_cache
 from kdbench.methods import Method
-from kdbench.schemes.base import SchemeModule
+from kdbench.schemes.base import METRIC, SchemeModule
 from kdbench.taps import Outputs, TappedModel
+from kdbench.teacher import EnsembleTeacher
 
 
 class Offline(SchemeModule):
@@ -39,7 +40,17 @@ class Offline(SchemeModule):
 
     @classmethod
     def from_context(cls, ctx) -> Offline:
-        return cls(ctx.student, ctx.teacher, ctx.method, ctx.cfg.optim, **cache_options(ctx.cfg))
+        teacher = None if ctx.info.get("teacher_free") else ctx.teacher
+        return cls(ctx.student, teacher, ctx.method, ctx.cfg.optim, **cache_options(ctx.cfg))
+
+    @classmethod
+    def prepare(cls, ctx) -> None:
+        """A method that distils from no teacher network (``Method.teacher_free``: Tf-KD's
+        virtual teacher) under plain offline distillation: the run resolves (trains, loads) no
+        teacher and evaluates none; the configured teacher only names the pair. (Subclasses
+        whose teacher is more than a teacher, e.g. born-again's generation 0, keep it.)"""
+        super().prepare(ctx)
+        ctx.info["teacher_free"] = cls is Offline and ctx.method.teacher_free
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -85,7 +96,14 @@ class Offline(SchemeModule):
         x, y, idx = batch
         s = self.student(x, self.method.taps)
         t = self.teacher_outputs(x, idx) if self.method.uses_teacher else None
-        return self.method(s, t, y, self.current_epoch, idx)
+        weights = None
+        if t is not None and isinstance(self.teacher, EnsembleTeacher):
+            t, weights = self.teacher.weigh(t, y)  # teacher.weighting: per-sample member weights
+        terms = self.method(s, t, y, self.current_epoch, idx)
+        if weights is not None:  # logged per epoch as train/teacher_weight/<member> (means)
+            for k, w in enumerate(weights.detach().mean(0).unbind()):
+                terms[f"teacher_weight/{k}{METRIC}"] = w
+        return terms
 
     def evaluate(self, x):
         out = {"student": self.student(x).logits}

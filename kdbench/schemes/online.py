@@ -60,6 +60,10 @@ class Online(SchemeModule):
                     attach_method(m, peers[i], peers[j], ctx.cfg, ctx.dm, roles=(i, j))
                     methods[_key(i, j)] = m
         ctx.info["peers"], ctx.info["methods"] = peers, methods
+        from kdbench.models import count_parameters
+
+        # every direction's trainable parts (regressors, discriminators): aux/params of the run
+        ctx.info["aux_params"] = sum(count_parameters(m) for m in methods.values())
 
     @classmethod
     def from_context(cls, ctx) -> Online:
