@@ -4,7 +4,8 @@ Opening a new store creates its schema, and opening an experiment is a check the
 two processes doing either at the same time on a fresh store lose one of them (``table
 registered_models already exists``, Optuna's ``alembic_version``, a unique-constraint error on
 the experiment name). For SQLite stores, kdbench holds an exclusive lock on ``<database>.lock``
-(next to the database file) around both; other databases get the experiment with a retry when
+(next to the database file) around both; for PostgreSQL stores (workers on several machines), a
+PostgreSQL advisory lock of the database; other databases get the experiment with a retry when
 another process created it first. SQLite writers wait for each other (MLflow sets a 20 s busy
 timeout itself; Optuna's storage gets 60 s) instead of failing with ``database is locked``.
 """
@@ -37,11 +38,46 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database).expanduser().absolute()
 
 
+# the advisory lock's key, one per database: "kdbe" (any constant shared by all kdbench processes)
+PG_LOCK_KEY = 0x6B646265
+
+
+@contextlib.contextmanager
+def _postgres_lock(url: str):
+    """PostgreSQL's session advisory lock ``PG_LOCK_KEY`` on the database of ``url``, held on a
+    connection of its own. Without it, two processes opening a fresh database at once both
+    create the schema and one fails (``duplicate key value violates unique constraint
+    "pg_type_typname_nsp_index"``: MLflow's and Optuna's ``alembic_version``). A database that
+    cannot be reached is no lock: opening the store reports why."""
+    try:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(url, poolclass=NullPool)
+        con = engine.connect()
+    except Exception:  # noqa: BLE001 - unreachable, bad credentials: the store's open says so
+        yield False
+        return
+    try:
+        con.execute(text("SELECT pg_advisory_lock(:key)"), {"key": PG_LOCK_KEY})
+        yield True
+    finally:
+        with contextlib.suppress(Exception):
+            con.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PG_LOCK_KEY})
+        con.close()
+        engine.dispose()
+
+
 def store_lock(url: str):
-    """An exclusive lock for a check-then-create on the store at ``url`` (a no-op for
-    non-SQLite URLs: their callers resolve the race afterwards)."""
+    """An exclusive lock for a check-then-create on the store at ``url``: a file lock next to an
+    SQLite database, an advisory lock in a PostgreSQL one (a no-op for other URLs: their
+    callers resolve the race afterwards)."""
     path = sqlite_path(url)
-    return file_lock(path) if path is not None else contextlib.nullcontext(False)
+    if path is not None:
+        return file_lock(path)
+    if str(url).split(":", 1)[0].split("+", 1)[0].lower() == "postgresql":
+        return _postgres_lock(str(url))
+    return contextlib.nullcontext(False)
 
 
 def _get_or_create_experiment(client, experiment: str) -> str:

@@ -67,8 +67,56 @@ def search_space(cfg: DictConfig) -> dict[str, dict]:
     return space
 
 
+class TrialSeededSampler:
+    """Optuna's TPE sampler, seeded anew for each trial from (``tune.seed``, the trial's number).
+
+    One sampler seeded once per worker makes workers started together on one study propose the
+    same parameters (each draws the same random start-up trials: half the trials repeat the
+    other worker's); trial numbers are unique in the study, so here every trial gets its own
+    draw, and a study is as reproducible as one worker's trial order."""
+
+    def __new__(cls, seed: int, n_startup_trials: int):
+        import numpy as np
+        import optuna
+
+        class _Sampler(optuna.samplers.BaseSampler):
+            def __init__(self) -> None:
+                self._number, self._tpe = None, None
+
+            def _for(self, trial):
+                if trial.number != self._number:
+                    state = np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]
+                    self._number = trial.number
+                    self._tpe = optuna.samplers.TPESampler(
+                        seed=int(state), n_startup_trials=n_startup_trials
+                    )
+                return self._tpe
+
+            def infer_relative_search_space(self, study, trial):
+                return self._for(trial).infer_relative_search_space(study, trial)
+
+            def sample_relative(self, study, trial, search_space):
+                return self._for(trial).sample_relative(study, trial, search_space)
+
+            def sample_independent(self, study, trial, param_name, param_distribution):
+                tpe = self._for(trial)
+                return tpe.sample_independent(study, trial, param_name, param_distribution)
+
+            def before_trial(self, study, trial) -> None:
+                self._for(trial).before_trial(study, trial)
+
+            def after_trial(self, study, trial, state, values) -> None:
+                self._for(trial).after_trial(study, trial, state, values)
+
+        return _Sampler()
+
+
 class PruningCallback:
-    """Reports each validation epoch's accuracy to the trial; stops the run if it should prune."""
+    """Reports each validation epoch's accuracy to the trial; stops the run if it should prune.
+
+    At ``on_validation_end``: Lightning runs a callback's ``on_validation_epoch_end`` before the
+    module's, whose ``val/acc`` reaches ``callback_metrics`` only after both (there, every
+    report was the previous epoch's accuracy, and the first epoch's was never reported)."""
 
     def __new__(cls, trial):
         import lightning as L
@@ -77,7 +125,7 @@ class PruningCallback:
             def __init__(self):
                 self.step = 0
 
-            def on_validation_epoch_end(self, trainer, module):
+            def on_validation_end(self, trainer, module):
                 import optuna
 
                 value = trainer.callback_metrics.get("val/acc")
@@ -206,9 +254,7 @@ def _tune(cfg: DictConfig, held: dict) -> dict:
     prepare(cfg)  # the base configuration is valid before any trial starts
     name = study_name(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(
-        seed=int(cfg.tune.seed), n_startup_trials=int(cfg.tune.n_startup_trials)
-    )
+    sampler = TrialSeededSampler(int(cfg.tune.seed), int(cfg.tune.n_startup_trials))
     if cfg.tune.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=int(cfg.tune.n_startup_trials))
     elif cfg.tune.pruner in (None, "none"):
