@@ -127,7 +127,8 @@ def export(args) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="kdbench-export-") as tmp:
         tmp = Path(tmp)
         try:
-            metrics, files, tags = _deploy(client, run, composed, cls, tmp)
+            given = [o for o in args.overrides if o.lstrip("+~").startswith("efficiency.")]
+            metrics, files, tags = _deploy(client, run, composed, cls, tmp, given)
         except KdbenchError as exc:
             raise KdbenchError(f"run {run_id}: {exc}") from None
         # everything computed: now written, files first (the metrics make it count)
@@ -145,7 +146,7 @@ def export(args) -> dict[str, float]:
     return metrics
 
 
-def _deploy(client, run, composed, cls, tmp: Path):
+def _deploy(client, run, composed, cls, tmp: Path, efficiency_overrides=()):
     """Rebuild the run's data and student from its artifacts and deploy it (nothing written to
     the run): (metrics, artifact files, tags)."""
     import torch
@@ -174,7 +175,13 @@ def _deploy(client, run, composed, cls, tmp: Path):
     if f"{prefix}student_best.pt" in listed:
         best = client.download_artifacts(run_id, f"{prefix}student_best.pt", str(tmp))
     cfg.deploy = composed.deploy
-    cfg.efficiency = OmegaConf.merge(cfg.get("efficiency") or {}, composed.efficiency)
+    # the run's own efficiency settings (the defaults for a run that has none), with only the
+    # efficiency.* overrides given here on top
+    given = OmegaConf.from_dotlist([o.lstrip("+") for o in efficiency_overrides])
+    cfg.efficiency = OmegaConf.merge(
+        cfg.get("efficiency") or composed.efficiency,
+        given.efficiency if "efficiency" in given else {},
+    )
     dm = checked_instantiate(cfg.dataset, _convert_="all")
     dm.prepare_data()
     dm.setup()
@@ -188,7 +195,12 @@ def _deploy(client, run, composed, cls, tmp: Path):
             f"its {prefix}student.pt does not fit the student its config.yaml builds ({first})"
         ) from None
     teacher = build_model(cfg, "teacher", dm)
-    trained = bool(scheme.needs_pretrained_teacher)  # its checkpoint or cache entry, else none
+    # its checkpoint or cache entry, else none (an offline method=tfkd run trained no teacher)
+    from kdbench.methods import build_method
+    from kdbench.schemes.offline import Offline
+
+    teacher_free = scheme is Offline and build_method(cfg.method).teacher_free
+    trained = bool(scheme.needs_pretrained_teacher) and not teacher_free
     if cls.needs_teacher_weights and not trained:
         raise KdbenchError(
             f"deploy={cls.name} distils from the teacher, and a scheme={cfg.scheme.name} run "

@@ -276,6 +276,20 @@ def test_bad_deploy_options_are_config_errors(tmp_path, override, key):
     assert line.startswith(f"kdbench: error: {key}=")
 
 
+@pytest.mark.parametrize("scheme_or_method", ["method=tfkd", "scheme=pskd"])
+def test_prune_is_refused_where_no_teacher_is_trained(tmp_path, scheme_or_method):
+    """deploy=prune distils from the trained teacher: a run that trains none (Tf-KD's virtual
+    teacher, PS-KD's own predictions) is refused before any work, not distilled from a random
+    network."""
+    method = [] if scheme_or_method.startswith("method") else ["method=none"]
+    proc = run_cli(scheme_or_method, *method, "deploy=prune", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "deploy=prune distils from the trained teacher" in line
+    assert scheme_or_method in line and "deploy.finetune_epochs=0" in line
+    assert not list(tmp_path.glob("*.db"))  # refused before the MLflow store was opened
+
+
 # -- by hand: which neurons pruning keeps, and the int8 grids ----------------------------------
 
 

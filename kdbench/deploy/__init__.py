@@ -231,6 +231,18 @@ def run_form(form: Form, job: Job) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def teacher_trained(scheme, info: dict) -> bool:
+    """Whether the run's teacher network holds trained weights: resolved before the fit
+    (offline, takd, datafree, self's generation 0) or trained as a peer (online); not under the
+    schemes and methods that train no teacher (byot, pskd; tfkd under offline), whose teacher
+    config only names the pair (timed, no agreement reported, nothing distilled from it)."""
+    if scheme is None or info.get("teacher_free"):
+        return False
+    from kdbench.schemes.online import Online
+
+    return bool(scheme.needs_pretrained_teacher) or issubclass(scheme, Online)
+
+
 def best_weights(out_dir: Path, fit_name: str = "") -> dict | None:
     """The best-validation student weights a run saved (``<fit>_student_best.pt``), if any."""
     import torch
@@ -248,7 +260,15 @@ def post_step(form: Form, ctx, out_dir: Path, logger=None) -> dict[str, float]:
 
     say(f"deploying the student: deploy={form.name}")
     fit = ctx.scheme.fit_names(ctx.cfg)[-1] if ctx.scheme is not None else ""
-    job = Job(ctx.cfg, ctx.dm, ctx.student, ctx.teacher, out_dir, best_weights(out_dir, fit))
+    job = Job(
+        ctx.cfg,
+        ctx.dm,
+        ctx.student,
+        ctx.teacher,
+        out_dir,
+        best_weights(out_dir, fit),
+        teacher_trained=teacher_trained(ctx.scheme, ctx.info),
+    )
     metrics = run_form(form, job)
     if logger is not None:
         for key, value in job.tags.items():

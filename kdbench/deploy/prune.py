@@ -319,9 +319,22 @@ class PruneForm(Form):
     def prepare(self, ctx) -> None:
         """Before any training: the student can be exported, the pruned network has channels
         to prune (and can be exported: the pruned graph is the same but narrower)."""
-        from kdbench.deploy import runtime
+        from kdbench.deploy import runtime, teacher_trained
 
-        super().prepare(ctx)
+        uses_teacher = str(self.d.get("source", "student")) == "teacher" or (
+            int(self.d.get("finetune_epochs") or 0) > 0
+        )
+        if uses_teacher and not teacher_trained(ctx.scheme, ctx.info):
+            why = (
+                f"method={ctx.cfg.method.name}"
+                if ctx.info.get("teacher_free")
+                else f"scheme={ctx.cfg.scheme.name}"
+            )
+            raise KdbenchError(
+                f"deploy=prune distils from the trained teacher, and a {why} run trains none: "
+                "use deploy=onnx or deploy=int8, or deploy.finetune_epochs=0"
+            )
+        super().prepare(ctx)  # (the export check: after the cheap refusal above)
         try:
             base = self.source(ctx.student, ctx.teacher)
             prune(runtime.float_copy(base.model), ctx.dm.input_shape, float(self.d.sparsity))

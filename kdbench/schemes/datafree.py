@@ -277,8 +277,9 @@ class DataFree(Offline):
         if ref.get("none_acc") is not None and ref.get("kd_acc") is not None:
             none, kd = float(ref.none_acc), float(ref.kd_acc)
             for suffix in ("", "_best"):
-                acc = metrics[f"test/acc{suffix}"]
-                metrics[f"datafree/recovered{suffix}"] = (acc - none) / (kd - none)
+                acc = metrics.get(f"test/acc{suffix}")
+                if acc is not None and kd != none:
+                    metrics[f"datafree/recovered{suffix}"] = (acc - none) / (kd - none)
         return metrics
 
     # -- fit ------------------------------------------------------------------------------

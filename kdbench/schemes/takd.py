@@ -109,6 +109,7 @@ def train_link(cfg, dm, k: int, spec, assistant, upstream, root: Path, seed: int
 
     from kdbench.methods import Term, build_method
     from kdbench.run import attach_method, build_network, make_trainer
+    from kdbench.teacher import alone_if_launched
 
     start = time.perf_counter()
     where = f"scheme.assistants[{k - 1}]"
@@ -125,8 +126,12 @@ def train_link(cfg, dm, k: int, spec, assistant, upstream, root: Path, seed: int
             for term in module.modules():
                 if isinstance(term, Term):
                     term.bind_data(dm)
-            trainer = make_trainer(
-                cfg, root / f"assistant{k}", logger=False, enable_checkpointing=False
+            trainer = make_trainer(  # (one process alone under srun/torchrun, as a teacher)
+                cfg,
+                root / f"assistant{k}",
+                logger=False,
+                enable_checkpointing=False,
+                **alone_if_launched(),
             )
             trainer.fit(module, datamodule=dm)
             val = trainer.callback_metrics.get("val/acc_best")
