@@ -46,6 +46,10 @@ python -m kdbench -m student=cnn1d_small scheme=byot method=kd method.gamma=0.7 
   echo "reference settings (conf/scheme/*.yaml, conf/method/*.yaml), but datafree with 60 steps of 256"
   echo "generated samples per epoch and a generator of width 64 (DAFL: 120 x 512, width 128). Seeds: $SEEDS."
   echo "Student test accuracy % (last epoch), mean ± std over the seeds, and the leaderboard's long table."
+  echo "Rows: scheme=pskd method=none is PS-KD as published; scheme=pskd method=kd is DLB"
+  echo "(scheme.targets=last_batch, alpha_T 0, gamma 1, alpha 1, T 3); byot's exit rows are its shallow"
+  echo "exits (the byot row is the deepest, the network itself); datafree's student saw no real training"
+  echo "sample."
   echo
   python -m kdbench.leaderboard --experiment "$EXP" --markdown --no-mlflow
 } > "results/$EXP.md"
