@@ -124,7 +124,6 @@ def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root:
     import lightning as L
 
     from kdbench.methods import Method
-    from kdbench.run import make_trainer
     from kdbench.schemes.offline import Offline
     from kdbench.taps import TappedModel
 
@@ -141,24 +140,29 @@ def train_teacher(cfg: DictConfig, spec: DictConfig, dm, model: nn.Module, root:
             module = Offline(
                 TappedModel(model, {}), None, Method("none", "none", 1, 0, 0, 1), spec.optim
             )
-            trainer = make_trainer(
-                cfg,
-                root / "teacher",
-                max_epochs=spec.epochs,
-                logger=False,
-                enable_checkpointing=False,
-                **alone_if_launched(),
-            )
-            trainer.fit(module, datamodule=dm)
-            val = trainer.callback_metrics.get("val/acc_best")
-            trainer.test(module, datamodule=dm, verbose=False)
+            result = fit_quietly(cfg, module, dm, root / "teacher", max_epochs=spec.epochs)
     finally:
         dm.use_transfer, dm.batch_size, dm.shuffle_seed = use_transfer, batch_size, shuffle_seed
     model.eval()
+    return {**result, "train_seconds": time.perf_counter() - start}
+
+
+def fit_quietly(cfg: DictConfig, module, dm, root: Path, **options) -> dict:
+    """Fit and test ``module`` with no logger and no checkpoints (a teacher, a takd assistant:
+    cached by the caller), in one process alone under srun/torchrun
+    (:func:`alone_if_launched`): ``{"test_acc", "val_acc"}`` (the best validation accuracy,
+    0 without validation)."""
+    from kdbench.run import make_trainer
+
+    trainer = make_trainer(
+        cfg, root, logger=False, enable_checkpointing=False, **alone_if_launched(), **options
+    )
+    trainer.fit(module, datamodule=dm)
+    val = trainer.callback_metrics.get("val/acc_best")
+    trainer.test(module, datamodule=dm, verbose=False)
     return {
         "test_acc": float(trainer.callback_metrics["test/acc"]),
         "val_acc": float(val) if val is not None else 0.0,
-        "train_seconds": time.perf_counter() - start,
     }
 
 

@@ -108,8 +108,8 @@ def train_link(cfg, dm, k: int, spec, assistant, upstream, root: Path, seed: int
     import lightning as L
 
     from kdbench.methods import Term, build_method
-    from kdbench.run import attach_method, build_network, make_trainer
-    from kdbench.teacher import alone_if_launched
+    from kdbench.run import attach_method, build_network
+    from kdbench.teacher import fit_quietly
 
     start = time.perf_counter()
     where = f"scheme.assistants[{k - 1}]"
@@ -126,24 +126,11 @@ def train_link(cfg, dm, k: int, spec, assistant, upstream, root: Path, seed: int
             for term in module.modules():
                 if isinstance(term, Term):
                     term.bind_data(dm)
-            trainer = make_trainer(  # (one process alone under srun/torchrun, as a teacher)
-                cfg,
-                root / f"assistant{k}",
-                logger=False,
-                enable_checkpointing=False,
-                **alone_if_launched(),
-            )
-            trainer.fit(module, datamodule=dm)
-            val = trainer.callback_metrics.get("val/acc_best")
-            trainer.test(module, datamodule=dm, verbose=False)
+            result = fit_quietly(cfg, module, dm, root / f"assistant{k}")
     finally:
         dm.shuffle_seed = shuffle_seed
     assistant.eval()
-    return {
-        "test_acc": float(trainer.callback_metrics["test/acc"]),
-        "val_acc": float(val) if val is not None else 0.0,
-        "train_seconds": time.perf_counter() - start,
-    }
+    return {**result, "train_seconds": time.perf_counter() - start}
 
 
 class TAKD(Offline):
