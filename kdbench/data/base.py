@@ -27,7 +27,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from kdbench.errors import ConfigError
 
-UNLABELLED = -1
+UNLABELLED = -1  # a sample (or token) with no hard label: distilled, but no cross-entropy
+# Padding of a token sequence (text data sets): neither cross-entropy nor distillation applies;
+# token losses average over the positions with ``y != PAD_LABEL``.
+PAD_LABEL = -2
 
 
 class BatchTensorDataset(Dataset):
@@ -95,6 +98,7 @@ class ArrayDataModule(L.LightningDataModule):
     num_classes: int
     has_generator = False  # can make an unlabelled transfer set of any size
     storage_dtype: torch.dtype = torch.float32  # dtype of the stored x tensors
+    input_dtype: torch.dtype = torch.float32  # dtype of model input (after batch_transform)
 
     def __init__(
         self,
@@ -136,7 +140,14 @@ class ArrayDataModule(L.LightningDataModule):
         return self.input_shape
 
     def generate(self) -> dict[str, np.ndarray]:
-        """Return ``x``, ``y``, ``x_test``, ``y_test`` and, if any, ``x_transfer``."""
+        """Return ``x``, ``y``, ``x_test``, ``y_test`` and, if any, ``x_transfer``.
+
+        Optional: ``x_val``/``y_val``, a validation split the data set makes itself (e.g. split
+        by play: the validation samples must not share a source with training ones); then
+        ``val_size`` carves nothing out of ``x``. ``y_transfer``: labels of the transfer samples
+        (e.g. per-token codes ``UNLABELLED``/``PAD_LABEL``); without it every transfer label is
+        ``UNLABELLED``.
+        """
         raise NotImplementedError
 
     def batch_transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
@@ -215,7 +226,7 @@ class ArrayDataModule(L.LightningDataModule):
         if self._arrays is None:
             self._arrays = self.generate()
             n_train = len(self._arrays["y"])
-            if self.val_size >= n_train:
+            if "x_val" not in self._arrays and self.val_size >= n_train:
                 raise ConfigError(
                     "dataset.val_size",
                     self.val_size,
@@ -234,7 +245,11 @@ class ArrayDataModule(L.LightningDataModule):
         y = torch.as_tensor(a["y"], dtype=torch.long)
         self.test_x = self._tensor(a["x_test"])
         self.test_y = torch.as_tensor(a["y_test"], dtype=torch.long)
-        if self.val_size == 0:  # no validation split: the test set serves as validation set
+        if "x_val" in a:  # the data set's own validation split: val_size carves nothing
+            self.train_x, self.train_y = x, y
+            self.val_x = self._tensor(a["x_val"])
+            self.val_y = torch.as_tensor(a["y_val"], dtype=torch.long)
+        elif self.val_size == 0:  # no validation split: the test set serves as validation set
             self.train_x, self.train_y = x, y
             self.val_x, self.val_y = self.test_x, self.test_y
         else:
@@ -246,6 +261,10 @@ class ArrayDataModule(L.LightningDataModule):
             self.transfer_x = self._tensor(a["x_transfer"])[: self.transfer_size]
         else:
             self.transfer_x = x[:0]
+        self.transfer_y = None  # labels of the transfer samples: all UNLABELLED unless given
+        if "y_transfer" in a and len(self.transfer_x):
+            self.transfer_y = torch.as_tensor(a["y_transfer"], dtype=torch.long)
+            self.transfer_y = self.transfer_y[: len(self.transfer_x)]
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, dtype=self.storage_dtype).reshape(-1, *self.stored_shape)
@@ -255,7 +274,10 @@ class ArrayDataModule(L.LightningDataModule):
         """Labelled training samples, then (if used) the unlabelled transfer samples."""
         x, y = self.train_x, self.train_y
         if self.use_transfer and len(self.transfer_x):
-            unl = torch.full((len(self.transfer_x),), UNLABELLED, dtype=torch.long)
+            unl = getattr(self, "transfer_y", None)
+            if unl is None:  # labels shaped like y's (per token for sequences)
+                shape = (len(self.transfer_x), *self.train_y.shape[1:])
+                unl = torch.full(shape, UNLABELLED, dtype=torch.long)
             x, y = torch.cat([x, self.transfer_x]), torch.cat([y, unl])
         return BatchTensorDataset(x, y)
 
@@ -294,6 +316,12 @@ class ArrayDataModule(L.LightningDataModule):
         return self._loader(
             BatchTensorDataset(self.test_x, self.test_y), self.eval_batch_size, False
         )
+
+
+def dummy_input(dm: ArrayDataModule, n: int) -> torch.Tensor:
+    """``n`` zero model inputs of ``dm`` (shape ``(n, *dm.input_shape)``, ``dm.input_dtype``):
+    for tracing, shape probes and exports (token ids 0 for text, zeros for images)."""
+    return torch.zeros((n, *dm.input_shape), dtype=dm.input_dtype)
 
 
 class ImageDataModule(ArrayDataModule):
