@@ -20,7 +20,8 @@ from kdbench.errors import ConfigError, KdbenchError, run_or_exit
 ROLES = ("student", "teacher", "both")
 TAP_USE = (
     "stages are feature maps (attention transfer), hint any output (FitNets), embedding a "
-    "vector (relation methods)"
+    "vector (relation methods); transformers: hidden, attention, values, final per token "
+    "(hidden_cos, minilm)"
 )
 
 
@@ -78,7 +79,7 @@ def describe(spec, dm, where: str) -> list[str]:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(shape))
+            model(torch.zeros(shape, dtype=getattr(dm, "input_dtype", torch.float32)))
     except Exception as exc:  # noqa: BLE001 - shown after the modules that did run
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         error = f"{type(exc).__name__}: {first}"
@@ -115,9 +116,12 @@ def describe(spec, dm, where: str) -> list[str]:
     if error is None:
         root = seen.get("")
         logits = root[0] if root else None
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, dm.num_classes):
+        lm = getattr(dm, "task", "classify") == "lm"  # one row of logits per token
+        want = (2, *dm.input_shape, dm.num_classes) if lm else (2, dm.num_classes)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
+            need = f"(batch, {', '.join(map(str, want[1:]))})"
             lines.append(
-                f"  note: a run needs logits of shape (batch, {dm.num_classes}); this model "
+                f"  note: a run needs logits of shape {need}; this model "
                 f"returns {_shape(logits) if logits is not None else 'nothing'} per sample"
             )
     print("\n".join(lines))

@@ -174,7 +174,12 @@ def _parameters(fn: Callable) -> tuple[dict[str, inspect.Parameter], bool] | Non
 
 
 def build_from_spec(
-    spec, num_classes: int, input_shape: tuple[int, ...], where: str, check_output: bool = True
+    spec,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    where: str,
+    check_output: bool = True,
+    input_dtype=None,
 ) -> nn.Module:
     """The network of a teacher/student spec: a registered ``arch`` or an importable ``_target_``
     (class or factory), called with ``kwargs`` plus, where its signature takes them and kwargs
@@ -236,7 +241,7 @@ def build_from_spec(
             f"{where}._target_={target!r} returned a {type(model).__name__}, not an nn.Module"
         )
     if check_output and target is not None:
-        _check_logits(model, num_classes, input_shape, where, target)
+        _check_logits(model, num_classes, input_shape, where, target, input_dtype)
     return model
 
 
@@ -259,15 +264,25 @@ def _drop_foreign(spec, kwargs: dict, named: dict, what: str, where: str) -> Non
         )
 
 
-def _check_logits(model: nn.Module, num_classes: int, input_shape, where: str, target: str):
+def _check_logits(
+    model: nn.Module, num_classes: int, input_shape, where: str, target: str, input_dtype=None
+):
+    """A user's model returns ``(batch, num_classes)`` logits on a dummy batch of the data's
+    shape; on token ids (an integer ``input_dtype``: a language model) one row of logits per
+    position, ``(batch, *input_shape, num_classes)``."""
     import torch
 
     shape = (2, *input_shape)
+    dtype = input_dtype or torch.float32
+    tokens = not dtype.is_floating_point
+    expected = (*shape, num_classes) if tokens else (2, num_classes)
     mode = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(shape))
+            out = model(torch.zeros(shape, dtype=dtype))
+            if tokens and not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+                out = out.logits
     except Exception as exc:  # noqa: BLE001 - the user's forward fails on the data's shape
         raise KdbenchError(
             f"{where}._target_={target}: its forward pass on a batch of the data's shape "
@@ -275,11 +290,12 @@ def _check_logits(model: nn.Module, num_classes: int, input_shape, where: str, t
         ) from None
     finally:
         model.train(mode)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = "(batch, length, vocabulary)" if tokens else "(batch, num_classes)"
         raise KdbenchError(
             f"{where}._target_={target}: its forward pass must return logits of shape "
-            f"(batch, num_classes) = (2, {num_classes}) on a batch of shape {shape}, got {got}: "
+            f"{what} = {expected} on a batch of shape {shape}, got {got}: "
             "take num_classes as an argument, or wrap the model so that forward returns logits"
         )
 
