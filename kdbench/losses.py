@@ -42,16 +42,24 @@ __all__ = [
     "entropy_weights",
     "fitnet_loss",
     "hard_label_loss",
+    "hidden_cosine_loss",
+    "jsd_loss",
     "kd_loss",
     "logit_standardize",
+    "minilm_loss",
     "nst_loss",
     "pkt_loss",
     "pskd_loss",
     "pskd_targets",
     "reverse_kd_loss",
     "rkd_loss",
+    "skew_kl_loss",
+    "skew_reverse_kl_loss",
     "sp_loss",
     "tfkd_loss",
+    "topk_student_logits",
+    "topk_teacher_logits",
+    "tvd_loss",
     "virtual_teacher_probs",
     "weighted_kd_loss",
     "weighted_mixture_logits",
@@ -358,14 +366,21 @@ class _RkdAngleLoss(torch.autograd.Function):
     (``psi`` and ``c`` are symmetric in ``i, k``)."""
 
     @staticmethod
-    def forward(ctx, g_s, h_s, r_s, d_s, g_t, h_t, r_t):
+    def forward(ctx, g_s, h_s, r_s, d_s, g_t, h_t, r_t, d_t=None):
         batch = g_s.shape[0]
         need_grad = any(ctx.needs_input_grad[:3])
+        # d_t given and the teacher's relations with gradients: both sides learn (online peers,
+        # one call for both directions; the loss is symmetric in its two sides)
+        both = d_t is not None and any(ctx.needs_input_grad[4:7])
         total = torch.zeros((), dtype=torch.float32, device=g_s.device)
         grads = (
-            [torch.zeros(batch, batch, device=g_s.device) for _ in range(3)] if need_grad else []
+            [torch.zeros(batch, batch, device=g_s.device) for _ in range(6 if both else 3)]
+            if need_grad or both
+            else []
         )
         r32, d32 = r_s.float(), d_s.float()
+        if both:
+            r32, d32 = (r32, r_t.float()), (d32, d_t.float())
         step = _rkd_chunk(batch, g_s.device)
         # On the CPU the ~20 block operations run on one thread: each is small, and with every
         # core in use (other processes) a parallel region waits for a descheduled thread, which
@@ -380,6 +395,7 @@ class _RkdAngleLoss(torch.autograd.Function):
             if single:
                 torch.set_num_threads(threads)
         ctx.grad_dtype = g_s.dtype
+        ctx.both = both
         ctx.save_for_backward(*grads)
         return total
 
@@ -387,12 +403,18 @@ class _RkdAngleLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grads = [grad_output * x.to(ctx.grad_dtype) for x in ctx.saved_tensors]
-        return (*grads, None, None, None, None)
+        if ctx.both:
+            return (*grads[:3], None, *grads[3:], None)
+        return (*grads, None, None, None, None, None)
 
 
 def _rkd_angle_blocks(g_s, h_s, r_s, g_t, h_t, r_t, r32, d32, step, total, grads) -> None:
-    """The block loop of :class:`_RkdAngleLoss`: adds into ``total`` and (when given) ``grads``."""
+    """The block loop of :class:`_RkdAngleLoss`: adds into ``total`` and (when given) ``grads``
+    (three: the student side's; six: both sides', with ``r32``/``d32`` pairs of both sides).
+    The teacher side's gradient is the student side's formula with ``-c`` and its own ``psi``,
+    ``r`` and ``d``."""
     batch = g_s.shape[0]
+    both = len(grads) == 6
     for start in range(0, batch, step):
         js = slice(start, min(batch, start + step))
         psi_s = _rkd_angles(g_s, h_s, r_s, js)
@@ -400,11 +422,23 @@ def _rkd_angle_blocks(g_s, h_s, r_s, g_t, h_t, r_t, r32, d32, step, total, grads
         total += F.smooth_l1_loss(psi_s, psi_t, reduction="sum")
         if not grads:
             continue
-        c = torch.sub(psi_s, psi_t, out=psi_t).clamp_(-1.0, 1.0)
-        grads[2][js] = 2.0 * d32[js] * psi_s.mul_(c).sum(dim=2)
-        c.mul_(r32[js].unsqueeze(2)).mul_(r32[js].unsqueeze(1))
-        grads[0] += c.sum(dim=0)
-        grads[1][js] = -2.0 * c.sum(dim=2)
+        if not both:
+            c = torch.sub(psi_s, psi_t, out=psi_t).clamp_(-1.0, 1.0)
+            _rkd_side_grads(c, psi_s, r32, d32, js, grads)
+            continue
+        c = (psi_s - psi_t).clamp_(-1.0, 1.0)
+        _rkd_side_grads(c.neg(), psi_t, r32[1], d32[1], js, grads[3:])
+        _rkd_side_grads(c, psi_s, r32[0], d32[0], js, grads[:3])
+
+
+def _rkd_side_grads(c, psi, r32, d32, js, grads) -> None:
+    """One side's ``dL/dg``, ``dL/dh``, ``dL/dr`` (added into ``grads``) from ``c`` (SmoothL1's
+    derivative with respect to that side's ``psi``) for the anchors ``js``; overwrites ``c`` and
+    ``psi``."""
+    grads[2][js] = 2.0 * d32[js] * psi.mul_(c).sum(dim=2)
+    c.mul_(r32[js].unsqueeze(2)).mul_(r32[js].unsqueeze(1))
+    grads[0] += c.sum(dim=0)
+    grads[1][js] = -2.0 * c.sum(dim=2)
 
 
 def rkd_loss(
@@ -412,6 +446,7 @@ def rkd_loss(
     teacher_embedding: torch.Tensor,
     distance_weight: float = 25.0,
     angle_weight: float = 50.0,
+    teacher_grad: bool = False,
 ) -> torch.Tensor:
     """Relational KD: ``distance_weight * L_D + angle_weight * L_A``.
 
@@ -427,6 +462,12 @@ def rkd_loss(
     clamped distance as ``L_D`` (``max(||e_i - e_j||, 1e-6)``), which only differs for pairs
     closer than 1e-6 (their angles are rounding noise either way; exact duplicates give
     ``psi = 0`` in both). Not twice differentiable.
+
+    ``teacher_grad=True``: both sides keep their gradients (no ``no_grad`` on the teacher side).
+    The loss is symmetric in its two embeddings, so between two online peers A and B one call
+    ``rkd_loss(A, B, teacher_grad=True)`` gives each peer exactly the gradient of its own
+    direction (``rkd_loss(A, B.detach())`` for A, ``rkd_loss(B, A.detach())`` for B) at about
+    half the cost of the two calls: each side's relations and angles are formed once.
     """
     if student_embedding.shape[0] != teacher_embedding.shape[0]:
         raise ValueError(
@@ -440,12 +481,13 @@ def rkd_loss(
     e_t = teacher_embedding.float().reshape(batch, -1)
     pairs = batch * (batch - 1)  # the off-diagonal distances, all positive after the clamp
 
-    with torch.no_grad():
-        g_t, h_t, r_t, d_t = _rkd_relations(e_t)
-        d_t = d_t / (d_t.sum() / pairs)
+    with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
+        g_t, h_t, r_t, d_t_raw = _rkd_relations(e_t)
+        d_t = d_t_raw / (d_t_raw.sum() / pairs)
     g_s, h_s, r_s, d_s = _rkd_relations(e_s)
     loss_distance = F.smooth_l1_loss((d_s / (d_s.sum() / pairs)).float(), d_t.float())
-    angle_sum = _RkdAngleLoss.apply(g_s, h_s, r_s, d_s.detach(), g_t, h_t, r_t)
+    both = (d_t_raw.detach(),) if g_t.requires_grad else ()
+    angle_sum = _RkdAngleLoss.apply(g_s, h_s, r_s, d_s.detach(), g_t, h_t, r_t, *both)
     loss_angle = angle_sum / batch**3
     return distance_weight * loss_distance + angle_weight * loss_angle
 
@@ -1065,3 +1107,283 @@ def weighted_kd_loss(
     log_p = F.log_softmax(member_logits.float() / temperature, dim=2)
     kl = (log_p.exp() * (log_p - log_q)).sum(2)  # B x K
     return temperature**2 * (weights.float() * kl).sum(1).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# token-level distillation for text (issue #13): the caller passes one row per token that
+# counts (padding dropped), so every row mean below is a per-token mean. P = the teacher's
+# softmax(z_t / T), Q = the student's softmax(z_s / T), rows of logits ``N x V``.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_fraction(name: str, key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: {key} must be in [0, 1], got {value!r}")
+
+
+def _tempered_log_probs(
+    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log Q, log P)`` at temperature T, float32, the class axis at dim 1."""
+    _check_logits(name, student_logits, teacher_logits)
+    _check_temperature(name, temperature)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return log_q, log_p
+
+
+def _kl_to_mixture(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """``KL(A || w A + (1 - w) B)`` per row (summed over dim 1, not reduced further).
+
+    Written through ``d = log b - log a`` only: ``log m - log a = logaddexp(log w,
+    log(1 - w) + d)``, which stays accurate when the mixture is close to ``A`` (w near 1) or to
+    ``B`` (w near 0), where ``log m`` and ``log a`` taken separately would cancel. ``w = 0``
+    gives ``KL(A || B)``, ``w = 1`` gives 0."""
+    if w >= 1.0:
+        return torch.zeros_like(log_a[:, 0])
+    d = log_b - log_a
+    if w <= 0.0:
+        log_ratio = d
+    else:
+        log_ratio = torch.logaddexp(d + math.log1p(-w), torch.full_like(d, math.log(w)))
+    return -(log_a.exp() * log_ratio).sum(dim=1)
+
+
+def jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy
+    Distillation of Language Models: Learning from Self-Generated Mistakes"), scaled so that it
+    is continuous in ``beta`` on [0, 1]:
+
+    ``T^2 * (1/N) * sum_i JSD_beta(P_i || Q_i) / (beta (1 - beta))``, with
+    ``M = beta P + (1 - beta) Q`` and ``JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M)``
+    (P the teacher's, Q the student's softmax at T); a row mean, i.e. a per-token mean.
+
+    GKD's value is this divided by ``T^2`` and multiplied by ``beta (1 - beta)``, which tends to
+    0 at both ends; divided by it, the loss tends to the forward ``KL(P || Q)`` as beta -> 0
+    and to the reverse ``KL(Q || P)`` as beta -> 1, and returns exactly those (as
+    :func:`kd_loss` and :func:`reverse_kd_loss`) at beta 0 and 1 (TRL's ``generalized_jsd_loss``
+    also returns the KLs at the ends but the unscaled JSD in between, a jump). The mixture is
+    formed in log space (``logaddexp``), never as ``log(beta p + (1 - beta) q)``."""
+    _check_fraction("jsd_loss", "beta", beta)
+    log_q, log_p = _tempered_log_probs("jsd_loss", student_logits, teacher_logits, temperature)
+    rows = student_logits.shape[0]
+    if beta == 0.0:
+        per_row = _kl_to_mixture(log_p, log_q, 0.0)
+    elif beta == 1.0:
+        per_row = _kl_to_mixture(log_q, log_p, 0.0)
+    else:
+        kl_p_m = _kl_to_mixture(log_p, log_q, beta)  # M = beta P + (1 - beta) Q
+        kl_q_m = _kl_to_mixture(log_q, log_p, 1.0 - beta)
+        per_row = (beta * kl_p_m + (1.0 - beta) * kl_q_m) / (beta * (1.0 - beta))
+    return temperature**2 * per_row.sum() / rows
+
+
+def skew_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Skew KL of DistiLLM (Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for
+    Large Language Models"): ``T^2 * (1/N) * sum_i KL(P_i || alpha P_i + (1 - alpha) Q_i)``, a
+    row (per-token) mean, times ``T^2`` as :func:`kd_loss`. ``alpha = 0`` is :func:`kd_loss`'s
+    forward KL; the skew bounds the divergence where Q has little mass (DistiLLM's default
+    alpha 0.1)."""
+    _check_fraction("skew_kl_loss", "alpha", alpha)
+    log_q, log_p = _tempered_log_probs("skew_kl_loss", student_logits, teacher_logits, temperature)
+    rows = student_logits.shape[0]
+    return temperature**2 * _kl_to_mixture(log_p, log_q, alpha).sum() / rows
+
+
+def skew_reverse_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Skew reverse KL of DistiLLM (Ko et al. 2024):
+    ``T^2 * (1/N) * sum_i KL(Q_i || (1 - alpha) P_i + alpha Q_i)``, a row (per-token) mean,
+    times ``T^2`` as :func:`kd_loss`. ``alpha = 0`` is :func:`reverse_kd_loss`."""
+    _check_fraction("skew_reverse_kl_loss", "alpha", alpha)
+    log_q, log_p = _tempered_log_probs(
+        "skew_reverse_kl_loss", student_logits, teacher_logits, temperature
+    )
+    rows = student_logits.shape[0]
+    return temperature**2 * _kl_to_mixture(log_q, log_p, alpha).sum() / rows
+
+
+def tvd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Total variation distance (as in Wen et al. 2023, "f-Divergence Minimization for
+    Sequence-Level Knowledge Distillation"): ``(1/N) * sum_i 0.5 * sum_c |P_ic - Q_ic|``, a row
+    (per-token) mean, in [0, 1]. Not scaled by ``T^2``: it is not a KL, and its gradient does
+    not shrink as ``1/T^2``."""
+    log_q, log_p = _tempered_log_probs("tvd_loss", student_logits, teacher_logits, temperature)
+    rows = student_logits.shape[0]
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum() / rows
+
+
+def _token_mask(name: str, mask: torch.Tensor | None, shape: torch.Size, device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def hidden_cosine_loss(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """DistilBERT's cosine embedding loss (Sanh et al. 2019): ``1 - cos(h_s, h_t)`` per token,
+    averaged over the tokens where ``mask`` is True: ``sum_{b,l: mask} (1 - cos) / #mask``.
+
+    ``student_hidden`` and ``teacher_hidden``: ``B x L x H`` (any ``... x H``: the cosine over
+    the last axis); ``mask``: ``B x L`` (the leading shape), None for every token. Masked
+    tokens add nothing, whatever their values (0 for a mask without tokens)."""
+    _check_same_shape("hidden_cosine_loss", student_hidden, teacher_hidden)
+    s, t = student_hidden.float(), teacher_hidden.float()
+    keep = _token_mask("hidden_cosine_loss", mask, s.shape[:-1], s.device)
+    per_token = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
+    return per_token.sum() / keep.sum().clamp_min(1)
+
+
+def _relation_log_probs(
+    values: torch.Tensor, key_ok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log softmax(V V^T / sqrt(d_head))`` over the keys allowed by ``key_ok``
+    (``B x 1 x L x L``), the rest -inf; returns the log probabilities and the probabilities."""
+    v = values.float()
+    scores = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
+    log_r = F.log_softmax(scores.masked_fill(~key_ok, float("-inf")), dim=-1)
+    return log_r, log_r.exp()
+
+
+def minilm_loss(
+    student_attn: torch.Tensor,
+    teacher_attn: torch.Tensor,
+    mask: torch.Tensor | None,
+    student_values: torch.Tensor | None = None,
+    teacher_values: torch.Tensor | None = None,
+    causal: bool = True,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """MiniLM's deep self-attention distillation of the last layer (Wang et al. 2020,
+    "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained
+    Transformers"): ``AT + VR``.
+
+    - Attention transfer: ``AT = (1 / (heads * #valid)) sum_{b, a, q valid} KL(A_t || A_s)``
+      over the rows of the attention probabilities ``B x heads x L x L`` (query ``q``, keys on
+      the last axis); ``log`` of a probability clamped at ``eps``, so the entries that both
+      models mask (0 in both) add 0.
+    - Value relation (when both value tensors ``B x heads x L x d_head`` are given; ``d_head``
+      may differ between the models): ``VR = softmax(V V^T / sqrt(d_head))`` per head, keys
+      beyond the query at -inf (``causal``; every key of an encoder);
+      ``(1 / (heads * #valid)) sum_{b, a, q valid} KL(VR_t || VR_s)``.
+
+    ``mask``: ``B x L``, True for the tokens that count (None: all); the means run over those
+    query positions, and a padded query adds nothing. Student and teacher need as many heads
+    (MiniLM pairs them one to one)."""
+    for role, a in (("student", student_attn), ("teacher", teacher_attn)):
+        if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
+            raise ValueError(
+                f"minilm_loss: {role} attention must be B x heads x L x L, got {tuple(a.shape)}"
+            )
+    if student_attn.shape[1] != teacher_attn.shape[1]:
+        raise ValueError(
+            f"minilm_loss: the student has {student_attn.shape[1]} attention heads and the "
+            f"teacher {teacher_attn.shape[1]}: MiniLM needs as many heads on both"
+        )
+    _check_same_shape("minilm_loss", student_attn, teacher_attn)
+    batch, heads, length, _ = student_attn.shape
+    keep = _token_mask("minilm_loss", mask, torch.Size((batch, length)), student_attn.device)
+    count = heads * keep.sum().clamp_min(1)
+    q_keep = keep[:, None, :]  # B x 1 x L over the query positions
+
+    a_s, a_t = student_attn.float(), teacher_attn.float()
+    kl_at = (a_t * (a_t.clamp_min(eps).log() - a_s.clamp_min(eps).log())).sum(-1)
+    total = torch.where(q_keep, kl_at, torch.zeros_like(kl_at)).sum() / count
+
+    if student_values is None or teacher_values is None:
+        return total
+    for role, v in (("student", student_values), ("teacher", teacher_values)):
+        if v.dim() != 4 or tuple(v.shape[:3]) != (batch, heads, length):
+            raise ValueError(
+                f"minilm_loss: {role} values must be B x heads x L x d_head = "
+                f"{(batch, heads, length)} x d_head, got {tuple(v.shape)}"
+            )
+    # Keys: every position (causal: up to the query). ``mask`` says which positions' *labels*
+    # count (queries), not which inputs are padding: a prompt token is a real key of the answer
+    # after it, and right padding never precedes a real query of a decoder.
+    positions = torch.arange(length, device=student_attn.device)
+    key_ok = torch.ones(1, 1, length, length, dtype=torch.bool, device=student_attn.device)
+    if causal:
+        key_ok = key_ok & (positions[None, :] <= positions[:, None])
+    log_s, _ = _relation_log_probs(student_values, key_ok)
+    log_t, r_t = _relation_log_probs(teacher_values, key_ok)
+    zero = torch.zeros((), device=log_s.device)
+    diff = torch.where(key_ok, log_t, zero) - torch.where(key_ok, log_s, zero)
+    kl_vr = (torch.where(key_ok, r_t, zero) * diff).sum(-1)
+    return total + torch.where(q_keep, kl_vr, torch.zeros_like(kl_vr)).sum() / count
+
+
+def _check_topk(name: str, logits: torch.Tensor, k: int) -> None:
+    vocab = logits.shape[-1]
+    if not 1 <= k < vocab:
+        raise ValueError(
+            f"{name}: k must be in [1, {vocab - 1}] for a vocabulary of {vocab}, got {k!r} "
+            "(k >= the vocabulary leaves no missing mass: distil the full logits)"
+        )
+
+
+def _buckets(log_probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[log p at index..., log(sum of the other p)]`` along the last axis (``... x (k+1)``);
+    the rest bucket a logsumexp over the entries not in ``index`` (never ``log(1 - sum)``)."""
+    top = log_probs.gather(-1, index)
+    in_top = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, index, True)
+    rest = torch.logsumexp(log_probs.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([top, rest], dim=-1)
+
+
+def topk_teacher_logits(
+    teacher_logits: torch.Tensor, k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A black-box teacher that exposes only its top-``k`` tokens per position: the teacher's
+    distribution ``P = softmax(z_t / T)`` over ``k + 1`` buckets, its ``k`` most probable tokens
+    (in decreasing order) and one bucket with all the rest (the missing mass
+    ``1 - sum_top-k P``, a logsumexp over the other tokens).
+
+    Returns ``(bucket_logits, index)``: ``bucket_logits = T * log(bucket probabilities)``
+    (``... x (k+1)``, float32, so ``softmax(bucket_logits / T)`` is the bucketed P) and the
+    top-k token ids ``index`` (``... x k``, long). :func:`topk_student_logits` buckets the
+    student the same way; any logit loss (:func:`kd_loss`, :func:`reverse_kd_loss`,
+    :func:`jsd_loss`, ...) at the same T of the two bucket tensors is then the divergence
+    between the bucketed distributions. Any leading shape ``... x V``; ``1 <= k < V``."""
+    _check_temperature("topk_teacher_logits", temperature)
+    _check_topk("topk_teacher_logits", teacher_logits, k)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    index = log_p.topk(k, dim=-1).indices
+    return temperature * _buckets(log_p, index), index
+
+
+def topk_student_logits(
+    student_logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """The student's ``softmax(z_s / T)`` over the buckets of :func:`topk_teacher_logits`
+    (the teacher's top-k tokens ``index``, then the rest), as ``T * log(bucket probabilities)``
+    (``... x (k+1)``, float32, differentiable)."""
+    _check_temperature("topk_student_logits", temperature)
+    if index.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"topk_student_logits: index {tuple(index.shape)} does not match the logits "
+            f"{tuple(student_logits.shape)} (same leading shape, k on the last axis)"
+        )
+    _check_topk("topk_student_logits", student_logits, index.shape[-1])
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return temperature * _buckets(log_q, index.long())

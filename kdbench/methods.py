@@ -61,6 +61,14 @@ class Term(nn.Module):
     """The method's own (beta-weighted) loss term. ``taps`` names what it needs from both models."""
 
     taps: frozenset[str] = frozenset()
+    # Language models (logits [B, L, V]): a term that works per token. ``token_rows``: it reads
+    # the logits, one row per token that counts (LogitTerm, DKD); ``token_features``: it reads
+    # per-token feature taps [B, L, ...] and masks them itself with the labels y [B, L]
+    # (padding: y == PAD_LABEL). Any other term (relations, maps, hints) is refused for LMs.
+    token_rows: bool = False
+    token_features: bool = False
+    # Whether it needs the teacher's whole distribution (refused with method.teacher_topk)
+    needs_full_teacher: bool = True
     # False: the term makes its own targets and reads no teacher output (Tf-KD's virtual
     # teacher); a method made of such terms needs no teacher network (Method.teacher_free)
     needs_teacher: bool = True
@@ -93,6 +101,9 @@ class Term(nn.Module):
 
 
 class LogitTerm(Term):
+    token_rows = True
+    needs_full_teacher = False  # a divergence of two distributions: top-k buckets serve
+
     def __init__(self, loss: Callable) -> None:
         super().__init__()
         self.loss = direct_loss(loss)
@@ -115,12 +126,15 @@ class TapTerm(Term):
         needs_maps: bool = False,
         select: int | None = None,
         pairwise: bool = False,
+        symmetric: bool = False,
     ) -> None:
         """``select``: use one element of a list tap (e.g. -1, the last stage); ``pairwise``:
-        apply ``loss`` to each (student, teacher) pair of a list tap and sum."""
+        apply ``loss`` to each (student, teacher) pair of a list tap and sum; ``symmetric``: the
+        loss is symmetric in its two arguments and takes ``teacher_grad=True`` (gradients on
+        both): two online peers then share one call (:meth:`pair_loss`)."""
         super().__init__()
         self.tap, self.loss, self.needs_maps = tap, direct_loss(loss), needs_maps
-        self.select, self.pairwise = select, pairwise
+        self.select, self.pairwise, self.symmetric = select, pairwise, bool(symmetric)
         self.taps = frozenset({tap})
 
     def _pick(self, value):
@@ -165,6 +179,13 @@ class TapTerm(Term):
     def forward(self, s, t, y, epoch, index):
         return self._loss(self._pick(s.features[self.tap]), self._pick(t.features[self.tap]))
 
+    def pair_loss(self, a: Outputs, b: Outputs) -> torch.Tensor:
+        """A symmetric loss between two peers that both learn (``symmetric``): its gradient
+        with respect to each side is that side's own direction's (the other side detached)."""
+        return self.loss(
+            self._pick(a.features[self.tap]), self._pick(b.features[self.tap]), teacher_grad=True
+        )
+
 
 class HintTerm(Term):
     """FitNets: ``loss(r(student hint), teacher hint)`` with a trainable regressor ``r``."""
@@ -190,6 +211,8 @@ class HintTerm(Term):
 class DKDTerm(Term):
     """Decoupled KD (Zhao et al. 2022): ``min((epoch + 1) / warmup, 1) * dkd_loss``. The target
     class is the label, or the teacher's prediction for unlabelled (transfer) samples."""
+
+    token_rows = True
 
     def __init__(
         self,
@@ -379,6 +402,7 @@ class Method(nn.Module):
         temperature: float,
         term: Term | None = None,
         logit_std: bool = False,
+        teacher_topk: int | None = None,
     ) -> None:
         super().__init__()
         self.name, self.knowledge = name, knowledge
@@ -386,6 +410,9 @@ class Method(nn.Module):
         self.temperature = float(temperature)
         self.term = term
         self.logit_std = bool(logit_std)  # standardise logits before every distillation term
+        # K: the teacher is a black box that exposes its top-K tokens per position (an API):
+        # the schemes wrap it in TopKTeacher, whose logits are K+1 buckets (see student_buckets)
+        self.teacher_topk = int(teacher_topk) if teacher_topk else None
 
     @property
     def taps(self) -> frozenset[str]:
@@ -409,14 +436,28 @@ class Method(nn.Module):
         return copy.deepcopy(self)
 
     def hard_label_terms(self, s: Outputs, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``gamma * CE`` on the labelled samples."""
-        return {"ce": self.gamma * masked_cross_entropy(s.logits, y)} if self.gamma > 0 else {}
+        """``gamma * CE`` on the labelled samples (a language model's: labelled tokens)."""
+        if self.gamma <= 0:
+            return {}
+        if s.logits.dim() == 3:
+            (z,), y = token_rows([s.logits], y)
+            return {"ce": self.gamma * masked_cross_entropy(z, y)}
+        return {"ce": self.gamma * masked_cross_entropy(s.logits, y)}
 
     def distill_terms(
-        self, s: Outputs, t: Outputs, y: torch.Tensor, epoch: int, index: torch.Tensor | None = None
+        self,
+        s: Outputs,
+        t: Outputs,
+        y: torch.Tensor,
+        epoch: int,
+        index: torch.Tensor | None = None,
+        term: bool = True,
     ) -> dict[str, torch.Tensor]:
         """``alpha * KD`` and ``beta * term`` towards the (detached) teacher outputs ``t``; with
-        ``t`` None only a term that needs no teacher (``Term.needs_teacher`` False) runs."""
+        ``t`` None only a term that needs no teacher (``Term.needs_teacher`` False) runs;
+        ``term=False``: KD alone (a caller that computes the term itself)."""
+        if s.logits.dim() == 3:  # a language model: per token
+            return self.token_distill_terms(s, t, y, epoch)
         if self.logit_std:  # Sun et al. 2024: z -> (z - mean) / std before the logit losses
             s = Outputs(logit_standardize(s.logits), s.features)
             if t is not None:  # None: a teacher-free method (no teacher outputs)
@@ -424,7 +465,7 @@ class Method(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if self.alpha > 0 and t is not None:
             terms["kd"] = self.alpha * kd_loss(s.logits, t.logits, self.temperature)
-        term = self.term is not None and self.beta > 0
+        term = term and self.term is not None and self.beta > 0
         if term and (t is not None or not self.term.needs_teacher):
             out = self.term(s, t, y, epoch, index)
             if isinstance(out, TermOutput):
@@ -434,6 +475,34 @@ class Method(nn.Module):
                 terms[self.name] = self.beta * out
         return terms
 
+    def token_distill_terms(self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int):
+        """Per-token distillation of a language model: logits ``[B, L, V]`` and labels
+        ``[B, L]`` become rows ``[N, V]`` and ``[N]`` of the N tokens that count (padding,
+        ``y == PAD_LABEL``, dropped: :func:`token_rows`), so every response loss is a mean over
+        tokens, each token weighing the same whatever its sequence's length. A token-feature
+        term (``Term.token_features``: hidden_cos, minilm) gets the outputs as they are and the
+        labels ``[B, L]`` (its mask). With a top-K teacher (``teacher_topk``) the student's
+        rows are bucketed by the teacher's top-K token ids (``topk_student_logits``)."""
+        feature_term = self.term is not None and self.term.token_features
+        if t is None or feature_term:  # kd (alpha) on the rows, the term on the sequences
+            terms = {}
+            if self.alpha > 0 and t is not None:
+                rows = Method(self.name, self.knowledge, 0, self.alpha, 0, self.temperature)
+                rows.logit_std, rows.teacher_topk = self.logit_std, self.teacher_topk
+                terms.update(rows.token_distill_terms(s, t, y, epoch))
+            if self.beta > 0 and (t is not None or not self.term.needs_teacher):
+                terms[self.name] = self.beta * self.term(s, t, y, epoch, None)
+            return terms
+        z_t = [t.logits]
+        if self.teacher_topk:
+            z_t.append(t.features["topk_index"])
+        (z_s, *z_t), y_rows = token_rows([s.logits, *z_t], y)
+        if self.teacher_topk:
+            from kdbench.losses import topk_student_logits
+
+            z_s = topk_student_logits(z_s, z_t[1].long(), self.temperature)
+        return self.distill_terms(Outputs(z_s), Outputs(z_t[0]), y_rows, epoch, None)
+
     def forward(
         self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int, index=None
     ) -> dict[str, torch.Tensor]:
@@ -441,6 +510,17 @@ class Method(nn.Module):
         if t is not None or self.teacher_free:  # teacher-free: the term's own targets
             terms.update(self.distill_terms(s, t, y, epoch, index))
         return terms
+
+
+def token_rows(tensors: list[torch.Tensor], y: torch.Tensor):
+    """``([t.flatten(0, 1)[keep] for t in tensors], y.flatten()[keep])``: a language model's
+    per-position tensors ``[B, L, ...]`` and labels ``[B, L]`` as rows of the positions that
+    count (``y != PAD_LABEL``). One host sync (the count of rows)."""
+    from kdbench.data.base import PAD_LABEL
+
+    keep = (y != PAD_LABEL).flatten().nonzero().squeeze(1)
+    rows = [t.flatten(0, 1).index_select(0, keep) for t in tensors]
+    return rows, y.flatten().index_select(0, keep)
 
 
 def build_method(cfg) -> Method:
@@ -459,6 +539,7 @@ def build_method(cfg) -> Method:
         cfg.temperature,
         term,
         cfg.get("logit_std", False),
+        cfg.get("teacher_topk"),
     )
 
 
@@ -583,3 +664,130 @@ class TfKDTerm(Term):
         from kdbench.losses import tfkd_loss
 
         return tfkd_loss(s.logits, y, self.correct_prob, self.temperature, self.form)
+
+
+def _last_tap(out: Outputs, tap: str) -> torch.Tensor | None:
+    """The ``tap`` output of a model, the last element of a list tap (e.g. the last block's)."""
+    value = out.features.get(tap)
+    if isinstance(value, list):
+        value = value[-1] if value else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _token_mask(y: torch.Tensor | None, leading: torch.Size) -> torch.Tensor | None:
+    """``y != PAD_LABEL`` when ``y`` holds one label per token (``B x L``, a language model);
+    None (every token) otherwise, e.g. a sequence classifier's ``B`` labels."""
+    from kdbench.data.base import PAD_LABEL
+
+    if y is None or tuple(y.shape) != tuple(leading):
+        return None
+    return y != PAD_LABEL
+
+
+def _refuse_missing_tap(method, tap, role, name) -> None:
+    raise KdbenchError(
+        f"method={method} needs the {tap!r} tap on the {role} {name}: set {role}.taps.{tap} "
+        f"to a module path or pick a {role} with {tap} outputs (a transformer of the zoo)"
+    )
+
+
+class HiddenCosTerm(Term):
+    """DistilBERT's cosine loss (Sanh et al. 2019): ``1 - cos(h_s, h_t)`` per token of the
+    ``tap`` hidden states (``B x L x H``; the last element of a list tap such as ``hidden``),
+    averaged over the tokens that count (``y != PAD_LABEL``; every token when ``y`` is one
+    label per sequence), :func:`kdbench.losses.hidden_cosine_loss`. A student of another
+    width goes through a trainable linear projection ``W h_s`` (no bias) to the teacher's
+    width: an auxiliary parameter, never the deployed student's."""
+
+    token_features = True
+
+    def __init__(self, tap: str = "final") -> None:
+        super().__init__()
+        self.tap = tap
+        self.taps = frozenset({tap})
+        self.proj: nn.Module = nn.Identity()
+
+    def build(self, method, student, teacher, student_name, teacher_name):
+        from kdbench.losses import hidden_cosine_loss
+
+        s, t = _last_tap(student, self.tap), _last_tap(teacher, self.tap)
+        for role, name, value in (("student", student_name, s), ("teacher", teacher_name, t)):
+            if value is None:
+                _refuse_missing_tap(method, self.tap, role, name)
+        if s.shape[:-1] != t.shape[:-1]:
+            raise KdbenchError(
+                f"method={method} compares the {self.tap!r} tap token by token, but the student "
+                f"{student_name} gives {tuple(s.shape)} and the teacher {teacher_name} "
+                f"{tuple(t.shape)}: tap outputs of shape B x L x width on both"
+            )
+        if s.shape[-1] != t.shape[-1]:
+            self.proj = nn.Linear(s.shape[-1], t.shape[-1], bias=False)
+        with torch.no_grad():
+            hidden_cosine_loss(self._project(s), t, None)
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.proj, nn.Linear):
+            return self.proj(h.to(self.proj.weight.dtype))
+        return h
+
+    def forward(self, s, t, y, epoch, index):
+        from kdbench.losses import hidden_cosine_loss
+
+        h_s, h_t = self._project(_last_tap(s, self.tap)), _last_tap(t, self.tap)
+        return hidden_cosine_loss(h_s, h_t, _token_mask(y, h_t.shape[:-1]))
+
+
+class MiniLMTerm(Term):
+    """MiniLM (Wang et al. 2020): the last block's self-attention distributions (``tap``,
+    ``B x heads x L x L``) and, when both models have the ``values_tap`` (``B x heads x L x
+    d_head``), its value relations ``softmax(V V^T / sqrt(d_head))``, each transferred by the
+    KL from the teacher's, averaged over heads and the query tokens that count
+    (:func:`kdbench.losses.minilm_loss`; ``causal``: a decoder's value relations see no later
+    key). The heads pair one to one: both models need as many."""
+
+    token_features = True
+
+    def __init__(
+        self, tap: str = "attention", values_tap: str | None = "values", causal: bool | str = "auto"
+    ) -> None:
+        super().__init__()
+        # "auto": a decoder's when the teacher's attention has no weight above the diagonal
+        self.tap, self.values_tap = tap, values_tap
+        self.causal = causal if causal == "auto" else bool(causal)
+        self.taps = frozenset({tap, values_tap} if values_tap else {tap})
+        self.use_values = False
+
+    def build(self, method, student, teacher, student_name, teacher_name):
+        s, t = _last_tap(student, self.tap), _last_tap(teacher, self.tap)
+        for role, name, value in (("student", student_name, s), ("teacher", teacher_name, t)):
+            if value is None or value.dim() != 4:
+                _refuse_missing_tap(method, self.tap, role, name)
+        if s.shape[1] != t.shape[1]:
+            raise KdbenchError(
+                f"method={method} pairs attention heads one to one, but the student "
+                f"{student_name} has {s.shape[1]} heads and the teacher {teacher_name} "
+                f"{t.shape[1]}: give the student {t.shape[1]} heads (student.kwargs.n_heads="
+                f"{t.shape[1]}) or use method=hidden_cos"
+            )
+        if s.shape != t.shape:
+            raise KdbenchError(
+                f"method={method} compares attention maps of the same size, but the student "
+                f"{student_name} gives {tuple(s.shape)} and the teacher {teacher_name} "
+                f"{tuple(t.shape)}: feed both models the same sequences"
+            )
+        self.use_values = bool(self.values_tap) and all(
+            _last_tap(out, self.values_tap) is not None for out in (student, teacher)
+        )
+        if self.causal == "auto":  # (the dummy batch: every position real)
+            self.causal = bool((t.float().triu(1) == 0).all())
+        with torch.no_grad():
+            self.forward(student, teacher, None, 0, None)
+
+    def forward(self, s, t, y, epoch, index):
+        from kdbench.losses import minilm_loss
+
+        a_s, a_t = _last_tap(s, self.tap), _last_tap(t, self.tap)
+        v_s = _last_tap(s, self.values_tap) if self.use_values else None
+        v_t = _last_tap(t, self.values_tap) if self.use_values else None
+        mask = _token_mask(y, torch.Size((a_t.shape[0], a_t.shape[-1])))
+        return minilm_loss(a_s, a_t, mask, v_s, v_t, causal=self.causal)

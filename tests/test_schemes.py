@@ -51,6 +51,37 @@ def test_online_targets_are_the_other_peers_detached_outputs():
     assert again["student/kd"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_online_rkd_one_shared_call_gives_each_peer_its_own_directions_gradient():
+    """Two peers and rkd (symmetric): one rkd call with gradients on both sides replaces the two
+    directions' calls; the loss values and every peer's gradient are those of the two calls
+    (rkd_loss(A, B.detach()) for A, rkd_loss(B, A.detach()) for B), by rkd_loss itself."""
+    from kdbench.losses import rkd_loss
+
+    ctx, module = _online_module("method=rkd", "student=cnn1d_small")
+    assert module.shared_term
+    x, y, idx = ctx.dm.distill_set().__getitems__(list(range(24)))
+    module.eval()  # no batch-norm statistics move between the two passes
+    terms = module.losses((x, y, idx))
+    outs = {n: p(x, module.taps) for n, p in module.peers.items()}
+    e = {n: o.features["embedding"] for n, o in outs.items()}
+    beta = module.methods["student__from__teacher"].beta
+    two = {
+        "student": beta * rkd_loss(e["student"], e["teacher"].detach()),
+        "teacher": beta * rkd_loss(e["teacher"], e["student"].detach()),
+    }
+    for name in ("student", "teacher"):
+        assert terms[f"{name}/rkd"].item() == pytest.approx(two[name].item(), rel=1e-5)
+    params = [p for peer in module.peers.values() for p in peer.parameters()]
+    total = sum(v for k, v in terms.items() if k.endswith("/rkd"))
+    shared = torch.autograd.grad(total, params, allow_unused=True)
+    separate = torch.autograd.grad(two["student"] + two["teacher"], params, allow_unused=True)
+    for a, b in zip(shared, separate, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(a is not None and a.abs().sum() > 0 for a in shared)
+
+
 def test_online_fitnet_has_a_regressor_per_direction_and_one_optimizer_per_peer():
     ctx, module = _online_module("method=fitnet", "student=cnn1d_small", "scheme.peers=3")
     assert set(module.peers) == {"teacher", "student", "student2"}
@@ -194,6 +225,7 @@ def test_teacher_ensemble_feature_methods_need_a_named_member():
         prepare(compose("teacher=ensemble", "scheme=online", tiny=TINY_NO_TEACHER))
 
 
+@pytest.mark.slow  # a long sweep: python -m pytest -m slow (CI runs it)
 def test_every_method_runs_under_every_scheme_through_the_cli(tmp_path):
     methods = ("none", "hard", "kd", "fitnet", "at", "rkd")
     pairs = finished_method_scheme_pairs(tmp_path, ",".join(methods))

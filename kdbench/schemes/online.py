@@ -36,6 +36,14 @@ class Online(SchemeModule):
         self.methods = nn.ModuleDict(methods)
         self.taps = frozenset().union(*(m.taps for m in methods.values()))
         self.reference_method = next(iter(methods.values()))  # gamma is the same in every copy
+        # two peers and a symmetric term (rkd): one call serves both directions (TapTerm.pair_loss)
+        term = self.reference_method.term
+        self.shared_term = (
+            len(peers) == 2
+            and getattr(term, "symmetric", False)
+            and self.reference_method.beta > 0
+            and not any(p.requires_grad for m in methods.values() for p in m.parameters())
+        )
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -93,10 +101,19 @@ class Online(SchemeModule):
                 if j == i:
                     continue
                 m = self.methods[_key(i, j)]
-                for k, v in m.distill_terms(s, targets[j], y, self.current_epoch, idx).items():
+                parts = m.distill_terms(
+                    s, targets[j], y, self.current_epoch, idx, term=not self.shared_term
+                )
+                for k, v in parts.items():
                     v = v / others if others > 1 else v  # no kernels for a mean over one peer
                     key = f"{i}/{k}"
                     terms[key] = terms[key] + v if key in terms else v
+        if self.shared_term:  # beta * f(A, B) once: each peer gets its own direction's gradient
+            (a, out_a), (b, out_b) = outs.items()
+            m = self.methods[_key(a, b)]
+            value = m.beta * m.term.pair_loss(out_a, out_b)
+            terms[f"{a}/{m.name}"] = value
+            terms[f"{b}/{m.name}"] = value.detach()  # logged (and summed) once per direction
         return terms
 
     def evaluate(self, x):
