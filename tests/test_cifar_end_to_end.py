@@ -16,6 +16,7 @@ def fake_cifar(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_resnet32x4_to_resnet8x4_on_a_fake_cifar100_runs_end_to_end(fake_cifar, tmp_path):
     args = [
         "experiment=cifar100_r32x4_r8x4",

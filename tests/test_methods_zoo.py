@@ -36,6 +36,7 @@ def test_each_method_runs_on_the_default_pair_or_fails_before_training(method):
         assert "train/kd" in runs[0].data.metrics
 
 
+@pytest.mark.slow  # a long sweep: python -m pytest -m slow (CI runs it)
 def test_zoo_methods_compose_with_every_scheme_through_the_cli(tmp_path):
     methods = [m for m in ZOO if m != "crd_kd"]
     pairs = finished_method_scheme_pairs(tmp_path, ",".join(methods), "++scheme.peers=2")

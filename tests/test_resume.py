@@ -111,6 +111,7 @@ def test_a_run_killed_after_its_fit_is_not_finished_and_resume_records_the_rest(
     assert "speedup" in run.data.metrics and "student/latency_ms" in run.data.metrics
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_resume_true_without_an_unfinished_run_starts_a_new_one_named_after_what_it_is(tmp_path):
     proc = run_cli("method=kd", "mlflow.experiment=resume-new", "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -140,6 +141,7 @@ def test_resume_from_a_missing_checkpoint_path_is_a_one_line_error(tmp_path):
 SELF = ["method=kd", "scheme=self", "scheme.generations=3", "trainer.max_epochs=3", "seed=2"]
 
 
+@pytest.mark.slow  # a long sweep: python -m pytest -m slow (CI runs it)
 def test_scheme_self_resumes_in_the_generation_it_was_in(tmp_path):
     ref = run_cli(*SELF, "mlflow.experiment=self-ref", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]

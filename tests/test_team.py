@@ -158,6 +158,7 @@ def test_postgres_two_tune_workers(postgres, tmp_path):
 # -- an MLflow tracking server over PostgreSQL, fed by a submitit sweep --------------------
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_mlflow_server_two_runs_of_a_submitit_local_sweep(postgres, tmp_path):
     """``mlflow server`` over a PostgreSQL store with proxied artifacts; a 2-job sweep through
     hydra-submitit-launcher's local executor (two kdbench processes at once) records both runs
