@@ -389,6 +389,9 @@ def summarize(runs):
         "student/flops",
         "student/size_mb",
         "student/throughput",
+        "test/bpc",
+        "test/exact_match",
+        "efficiency/tokens_per_s",
     ):
         if col not in runs:
             runs[col] = float("nan")
@@ -416,6 +419,9 @@ def summarize(runs):
             student_size_mb=("student/size_mb", "mean"),
             student_throughput=("student/throughput", "mean"),
             speedup=("speedup", "mean"),
+            bpc=("test/bpc", "mean"),  # language models (lower is better)
+            exact_match=("test/exact_match", "mean"),  # arithmetic: final answers
+            tokens_per_s=("efficiency/tokens_per_s", "mean"),  # generation, batch 1
             seeds=("seed", lambda s: " ".join(sorted(map(str, s), key=_seed_order))),
             run_ids=("run_id", " ".join),
         )
@@ -501,6 +507,9 @@ COLUMNS = [
     "size MB",
     "latency ms",
     "throughput /s",
+    "test bpc",
+    "exact match %",
+    "tokens/s",
 ]
 
 
@@ -533,6 +542,9 @@ def rows(table) -> list[list[str]]:
                 "" if _nan(r.student_size_mb) else f"{r.student_size_mb:.4g}",
                 "" if _nan(r.student_latency_ms) else f"{r.student_latency_ms:.3g}",
                 "" if _nan(r.student_throughput) else f"{r.student_throughput:.3g}",
+                "" if _nan(r.bpc) else f"{r.bpc:.3f}",
+                _pct(r.exact_match),
+                "" if _nan(r.tokens_per_s) else f"{r.tokens_per_s:.3g}",
             ]
         )
     return out
@@ -639,6 +651,8 @@ TERMINAL = [  # (header, cell)
     ("gap %", lambda r: _pct(r.gap_closed)),
     ("teacher %", lambda r: _pct(r.teacher_acc)),
     ("speed-up", lambda r: "" if _nan(r.speedup) else f"{r.speedup:.1f}x"),
+    ("bpc", lambda r: "" if _nan(r.bpc) else f"{r.bpc:.3f}"),  # language models only
+    ("exact %", lambda r: _pct(r.exact_match)),  # arithmetic only
 ]
 TERMINAL_LEGEND = [
     *LEGEND[:3],
@@ -663,7 +677,8 @@ def print_rich(table) -> None:
     cells = {h: [f(r) for r in records] for h, f in TERMINAL}
     widths = {h: max(len(h), *(len(c) for c in cells[h])) for h, _ in TERMINAL}
     has_variant = any(cells["variant"])
-    shown = [h for h, _ in TERMINAL if h != "variant" or has_variant]
+    optional = ("variant", "bpc", "exact %")  # shown where some row has a value
+    shown = [h for h, _ in TERMINAL if h not in optional or any(cells[h])]
     dropped = []
 
     def fixed():
@@ -672,6 +687,8 @@ def print_rich(table) -> None:
     for h in ("speed-up", "teacher %", "gap %", "vs none"):  # a narrow terminal: fewer columns
         if fixed() + (15 if has_variant else 0) <= console.width:
             break
+        if h not in shown:
+            continue
         shown.remove(h)
         dropped.append(h)
     widths["variant"] = max(12, min(widths["variant"], console.width - fixed() - 3))

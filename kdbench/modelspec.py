@@ -25,7 +25,8 @@ from kdbench.errors import ConfigError
 MODEL_KEYS = ("name", "arch", "_target_", "kwargs", "taps", "written_for")
 TEACHER_RECIPE_KEYS = ("checkpoint", "seed", "epochs", "batch_size", "optim")
 ENSEMBLE_KEYS = ("members", "feature_member", "weighting")
-TAP_NAMES = ("stages", "hint", "embedding")  # as kdbench.taps.TAP_NAMES (that module needs torch)
+# as kdbench.taps.TAP_NAMES (that module needs torch)
+TAP_NAMES = ("stages", "hint", "embedding", "hidden", "attention", "values", "final")
 ALLOWED_KEYS = {
     "student": MODEL_KEYS,
     "teacher": MODEL_KEYS + TEACHER_RECIPE_KEYS + ENSEMBLE_KEYS,

@@ -60,7 +60,9 @@ def build_network(spec: DictConfig, dm, role: str):
     from kdbench.models import build_from_spec
     from kdbench.taps import TappedModel, resolve_taps
 
-    model = build_from_spec(spec, dm.num_classes, dm.input_shape, role)
+    model = build_from_spec(
+        spec, dm.num_classes, dm.input_shape, role, input_dtype=getattr(dm, "input_dtype", None)
+    )
     return TappedModel(model, resolve_taps(model, _container(spec.get("taps")), role))
 
 
@@ -79,9 +81,11 @@ def attach_method(method, student, teacher, cfg: DictConfig, dm, roles=("student
     ``roles`` name the configs the two models come from (for the error messages)."""
     import torch
 
+    from kdbench.data.base import dummy_input
     from kdbench.modelspec import model_name
     from kdbench.teacher import EnsembleTeacher
 
+    check_token_method(method, cfg, dm)
     if method.term is None or method.beta == 0:
         return
     if isinstance(teacher, EnsembleTeacher) and teacher.feature_member is None:
@@ -91,7 +95,7 @@ def attach_method(method, student, teacher, cfg: DictConfig, dm, roles=("student
             f"method={cfg.method.name} needs teacher features: name the ensemble member (an index) "
             "whose features it uses",
         )
-    x = torch.zeros(2, *dm.input_shape)
+    x = dummy_input(dm, 2)
     modes = student.training, teacher.training
     student.eval(), teacher.eval()
     with torch.no_grad():
@@ -99,6 +103,76 @@ def attach_method(method, student, teacher, cfg: DictConfig, dm, roles=("student
     student.train(modes[0]), teacher.train(modes[1])
     names = [model_name(cfg[r]) if r in cfg else r for r in roles]
     method.term.build(cfg.method.name, s, t, *names)
+
+
+# The losses a top-K black-box teacher serves: divergences of two distributions, which the K+1
+# buckets (the top-K tokens and the missing mass) keep meaning (kdbench.losses.topk_*)
+TOPK_LOSSES = (
+    "kd_loss",
+    "reverse_kd_loss",
+    "jsd_loss",
+    "skew_kl_loss",
+    "skew_reverse_kl_loss",
+    "tvd_loss",
+)
+
+
+def check_token_method(method, cfg: DictConfig, dm) -> None:
+    """A language model (``dm.task == "lm"``) distils per token: the response terms (one row
+    per token) and the token-feature terms apply, any other term is refused; a top-K teacher
+    (``method.teacher_topk``) serves only divergences of the two distributions."""
+    name = cfg.method.name
+    term = method.term if method.beta > 0 else None
+    if getattr(dm, "task", "classify") == "lm" and term is not None:
+        if not (term.token_rows or term.token_features):
+            raise ConfigError(
+                "method",
+                name,
+                f"method={name} moves {cfg.method.knowledge} knowledge per sample (maps, "
+                "relations between samples or hints): it does not apply to a language model's "
+                "per-token outputs; use a response method (kd, reverse_kd, jsd, skew_kl, "
+                "skew_reverse_kl, tvd, dkd, dist) or hidden_cos, minilm",
+            )
+    lm = getattr(dm, "task", "classify") == "lm"
+    weighting = (
+        cfg.teacher.get("weighting", "mean") if cfg.teacher.get("arch") == "ensemble" else "mean"
+    )
+    if lm and weighting != "mean":
+        raise ConfigError(
+            "teacher.weighting",
+            weighting,
+            "per-sample ensemble weights are for classifiers; a language model's ensemble "
+            "teacher averages its members (teacher.weighting=mean)",
+        )
+    if method.teacher_topk and method.logit_std:
+        raise ConfigError(
+            "method.logit_std",
+            True,
+            "a top-K teacher's K+1 buckets are probabilities, not logits to standardise: drop "
+            "one of logit_std and teacher_topk",
+        )
+    if method.teacher_topk:
+        loss = getattr(getattr(term, "loss", None), "func", getattr(term, "loss", None))
+        if term is not None and getattr(loss, "__name__", "") not in TOPK_LOSSES:
+            raise ConfigError(
+                "method.teacher_topk",
+                method.teacher_topk,
+                f"method={name} needs the teacher's whole distribution; a top-K teacher serves "
+                "kd, reverse_kd, jsd, skew_kl, skew_reverse_kl and tvd: drop teacher_topk",
+            )
+        if getattr(dm, "task", "classify") != "lm":
+            raise ConfigError(
+                "method.teacher_topk",
+                method.teacher_topk,
+                "a top-K teacher is a language model's (its top-K tokens per position): use it "
+                "with a text data set, or drop it",
+            )
+        if method.teacher_topk >= dm.num_classes:
+            raise ConfigError(
+                "method.teacher_topk",
+                method.teacher_topk,
+                f"must be smaller than the vocabulary ({dm.num_classes} tokens)",
+            )
 
 
 def scheme_class(cfg: DictConfig):
@@ -138,6 +212,23 @@ def prepare(cfg: DictConfig) -> Context:
             "ensemble",
             f"an ensemble of pre-trained teachers works with scheme=offline, not "
             f"scheme={cfg.scheme.name}",
+        )
+    if (
+        getattr(dm, "task", "classify") == "lm"
+        and cfg.get("deploy", {}).get("name", "none") != "none"
+    ):
+        raise ConfigError(
+            "deploy",
+            cfg.deploy.name,
+            "deploying (export, int8, pruning) is built for classifiers with float inputs, not "
+            "language models yet: use deploy=none",
+        )
+    if getattr(dm, "task", "classify") == "lm" and not scheme.supports_language_models:
+        raise ConfigError(
+            "scheme",
+            cfg.scheme.name,
+            f"scheme={cfg.scheme.name} is not built for language models yet: use offline, "
+            "seqkd, onpolicy, online or self",
         )
     student = build_model(cfg, scheme.student_role, dm)
     teacher = build_model(cfg, "teacher", dm)
@@ -387,7 +478,19 @@ def run(
             from kdbench.progress import say
 
             say(f"measuring efficiency on {cfg.efficiency.device}")
-            metrics.update(compare(ctx.student, ctx.teacher, ctx.dm.input_shape, cfg.efficiency))
+            dtype = getattr(ctx.dm, "input_dtype", torch.float32)
+            shape = ctx.dm.input_shape
+            metrics.update(compare(ctx.student, ctx.teacher, shape, cfg.efficiency, dtype))
+            if getattr(ctx.dm, "task", "classify") == "lm":  # generation speed and memory
+                from kdbench.efficiency import generation_figures
+
+                for role in ("student", "teacher"):
+                    model = getattr(ctx, role)
+                    figures = generation_figures(
+                        model, shape, cfg.efficiency.device, cfg.efficiency
+                    )
+                    prefix = "efficiency/" if role == "student" else "efficiency/teacher/"
+                    metrics.update({prefix + k: v for k, v in figures.items()})
         metrics["aux/params"] = count_parameters(ctx.method) + ctx.info.get("aux_params", 0)
         if ctx.deploy is not None:  # the post-step: deploy/<form>/... metrics, its artifacts
             from kdbench.deploy import post_step

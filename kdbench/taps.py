@@ -7,6 +7,11 @@ those modules return. Three taps exist, each a module path or a list of them:
 - ``stages``: the stage outputs (feature maps), for attention transfer;
 - ``hint``: one intermediate output, for FitNets;
 - ``embedding``: the pooled penultimate vector, for relation methods.
+
+Transformers (text) add, per token: ``hidden`` (each block's output ``[B, L, H]``),
+``attention`` (each block's attention probabilities ``[B, heads, L, L]``), ``values`` (each
+block's value vectors ``[B, heads, L, d_head]``) and ``final`` (the last hidden state after the
+final layer norm ``[B, L, H]``), for hidden_cos (DistilBERT) and minilm (MiniLM).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 
-TAP_NAMES = ("stages", "hint", "embedding")
+TAP_NAMES = ("stages", "hint", "embedding", "hidden", "attention", "values", "final")
 
 
 @dataclass

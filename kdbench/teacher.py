@@ -329,3 +329,28 @@ def build_ensemble(cfg: DictConfig, dm, build_member) -> EnsembleTeacher:
         fm,
         cfg.teacher.get("weighting") or "mean",
     )
+
+
+class TopKTeacher(nn.Module):
+    """A black-box teacher that exposes only its top-K tokens per position, as an API does
+    (``method.teacher_topk=K``): its logits are ``K + 1`` buckets at the method's temperature
+    T (the top-K tokens, then one bucket for the missing mass; see
+    :func:`kdbench.losses.topk_teacher_logits`) and ``features["topk_index"]`` holds the K
+    token ids (int32), which the student's logits are bucketed by. The teacher-output cache
+    stores exactly that: ``(K + 1) * 4 + K * 4`` bytes per token instead of ``V * 4``.
+    ``full(x)`` is the whole teacher, for evaluation (agreement, the teacher's own metrics)."""
+
+    def __init__(self, teacher: nn.Module, k: int, temperature: float) -> None:
+        super().__init__()
+        self.inner, self.topk, self.temperature = teacher, int(k), float(temperature)
+        self.taps = getattr(teacher, "taps", {})
+
+    def forward(self, x: torch.Tensor, taps=frozenset()) -> Outputs:
+        from kdbench.losses import topk_teacher_logits
+
+        out = self.inner(x, taps)
+        buckets, index = topk_teacher_logits(out.logits, self.topk, self.temperature)
+        return Outputs(buckets, {**out.features, "topk_index": index.to(torch.int32)})
+
+    def full(self, x: torch.Tensor, taps=frozenset()) -> Outputs:
+        return self.inner(x, taps)

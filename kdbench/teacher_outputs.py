@@ -41,6 +41,8 @@ def cache_key(teacher, dm, taps: frozenset[str], device: torch.device) -> str:
     ensemble = [getattr(teacher, "temperature", None), getattr(teacher, "feature_member", 0)]
     if getattr(teacher, "weighting", "mean") != "mean":  # the outputs hold each member's logits
         ensemble.append("members")
+    if getattr(teacher, "topk", None):  # a top-K black box: K + 1 buckets at its temperature
+        ensemble.append(f"top{teacher.topk}")
     what = {
         "version": CACHE_VERSION,
         "weights": weights_digest(teacher),
@@ -66,6 +68,11 @@ def _cat(parts: list):
     if isinstance(parts[0], list):
         return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
     return torch.cat(parts)
+
+
+def bytes_per_sample(out: Outputs) -> float:
+    """What the cache holds per sample (per token for a language model: divide by its length)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(out)) / max(len(out.logits), 1)
 
 
 def index(out: Outputs, idx: torch.Tensor) -> Outputs:

@@ -44,6 +44,12 @@ def check_method(m: DictConfig) -> None:
     for key in ("gamma", "alpha", "beta"):
         _number(f"method.{key}", m[key], 0, strict=False)
     _number("method.temperature", m.temperature, 0, strict=True)
+    if "beta_mix" in m:  # jsd: the teacher's share of the mixture
+        _fraction("method.beta_mix", m.beta_mix, "in [0, 1] (GKD's JSD mixture weight, 0.5)")
+    if "skew_alpha" in m:  # skew_kl, skew_reverse_kl
+        _fraction(
+            "method.skew_alpha", m.skew_alpha, "in [0, 1) (DistiLLM's skew, 0.1)", high_open=True
+        )
     if m.gamma == 0 and m.alpha == 0 and m.beta == 0:
         raise ConfigError("method.gamma", 0, "gamma, alpha and beta are all 0: nothing to train on")
     if m.beta > 0 and m.get("term") is None:
@@ -51,6 +57,28 @@ def check_method(m: DictConfig) -> None:
             "method.beta",
             m.beta,
             f"method {m.name} has no method term: leave beta at 0 or pick a method that has one",
+        )
+
+
+# Schemes whose frozen teacher can be a top-K black box (method.teacher_topk)
+TOPK_SCHEMES = ("offline", "seqkd", "onpolicy")
+
+
+def check_teacher_topk(cfg: DictConfig) -> None:
+    """``method.teacher_topk``: null or an integer >= 1, with a scheme whose teacher is frozen."""
+    k = cfg.method.get("teacher_topk")
+    if k is None:
+        return
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(
+            "method.teacher_topk", k, "must be an integer >= 1 (the teacher's top-K tokens) or null"
+        )
+    if cfg.scheme.name not in TOPK_SCHEMES:
+        raise ConfigError(
+            "method.teacher_topk",
+            k,
+            f"a top-K black-box teacher is frozen: it works with scheme={', '.join(TOPK_SCHEMES)}, "
+            f"not scheme={cfg.scheme.name}",
         )
 
 
@@ -489,6 +517,7 @@ def check_config(cfg: DictConfig) -> None:
     _positive_int("teacher.epochs", cfg.teacher.get("epochs"))
     check_dataset(cfg.dataset)
     check_method(cfg.method)
+    check_teacher_topk(cfg)
     check_optim(cfg.optim, "optim")
     check_optim(cfg.teacher.optim, "teacher.optim")
     check_resume(cfg.get("resume"))

@@ -8,7 +8,13 @@ import lightning as L
 import torch
 
 from kdbench.errors import ConfigError, NonFiniteLossError
-from kdbench.metrics import accuracy, agreement, expected_calibration_error
+from kdbench.metrics import (
+    accuracy,
+    agreement,
+    expected_calibration_error,
+    language_model_metrics,
+    token_rows,
+)
 from kdbench.validate import OPTIMIZERS, SCHEDULERS
 
 
@@ -119,13 +125,18 @@ class EvalMixin:
 
     def on_validation_epoch_end(self):
         logits, y = self._collect()
-        acc = accuracy(logits["student"], y)
+        if logits["student"].dim() == 3:  # a language model: per-token metrics
+            lm = language_model_metrics(logits["student"], y)
+            acc = lm["acc"]
+            self.log("val/bpc", lm["bpc"])
+        else:
+            acc = accuracy(logits["student"], y)
         self.best_val_acc = max(getattr(self, "best_val_acc", 0.0), acc)
         self.log("val/acc", acc, prog_bar=True, sync_dist=False)
         self.log("val/acc_best", self.best_val_acc)  # via callback_metrics to a spawning parent
         for name, z in logits.items():
             if self.named_outputs or name not in ("student", "teacher"):
-                self.log(f"val/{name}/acc", accuracy(z, y))
+                self.log(f"val/{name}/acc", token_accuracy(z, y))
 
     def on_test_epoch_start(self):
         self._eval = []
@@ -138,20 +149,70 @@ class EvalMixin:
         logits, y = self._collect()
         s = logits["student"]
         suffix = "" if self.test_tag == "last" else "_" + self.test_tag
-        metrics = {
-            f"test/acc{suffix}": accuracy(s, y),
-            f"test/ece{suffix}": expected_calibration_error(s, y),
-        }
-        if "teacher" in logits:
-            metrics[f"test/agreement{suffix}"] = agreement(s, logits["teacher"])
-            if self.test_tag == "last":
-                metrics["teacher/test/acc"] = accuracy(logits["teacher"], y)
+        if s.dim() == 3:  # a language model: per-token metrics, exact match where it applies
+            metrics = self.language_model_test(logits, y, suffix)
+        else:
+            metrics = {
+                f"test/acc{suffix}": accuracy(s, y),
+                f"test/ece{suffix}": expected_calibration_error(s, y),
+            }
+            if "teacher" in logits:
+                metrics[f"test/agreement{suffix}"] = agreement(s, logits["teacher"])
+                if self.test_tag == "last":
+                    metrics["teacher/test/acc"] = accuracy(logits["teacher"], y)
         for name, z in logits.items():
             if self.named_outputs or name not in ("student", "teacher"):
-                metrics[f"test/{name}/acc{suffix}"] = accuracy(z, y)
+                metrics[f"test/{name}/acc{suffix}"] = token_accuracy(z, y)
         self.test_metrics = metrics
         for k, v in metrics.items():
             self.log(k, v)
+
+    def language_model_test(self, logits, y, suffix: str) -> dict[str, float]:
+        """``test/{acc,ppl,bpc,ece,agreement}`` per token (:func:`language_model_metrics`),
+        the teacher's ``teacher/test/{acc,ppl,bpc}``, and, on a data set scored by its final
+        answers (``dm.final_answer``: arithmetic), ``test/exact_match`` of greedy generations
+        from the test prompts (and the teacher's)."""
+        teacher = logits.get("teacher")
+        lm = language_model_metrics(logits["student"], y, teacher)
+        metrics = {f"test/{k}{suffix}": v for k, v in lm.items()}
+        if teacher is not None and self.test_tag == "last":
+            for k, v in language_model_metrics(teacher, y).items():
+                if k in ("acc", "ppl", "bpc"):
+                    metrics[f"teacher/test/{k}"] = v
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "final_answer"):
+            peers = dict(getattr(self, "peers", {}))  # online: student and teacher are peers
+            student = getattr(self, "student", None) or peers["student"]
+            metrics[f"test/exact_match{suffix}"] = exact_match(student, dm, "test")
+            t = getattr(self, "teacher", None) or peers.get("teacher")
+            if isinstance(t, torch.nn.Module) and self.test_tag == "last":
+                metrics["teacher/test/exact_match"] = exact_match(
+                    getattr(t, "inner", t), dm, "test"
+                )
+        return metrics
+
+
+def token_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy: per sample, or per labelled token for a language model's logits."""
+    if logits.dim() == 3:
+        return accuracy(*token_rows(logits, y))
+    return accuracy(logits, y)
+
+
+def exact_match(model, dm, split: str) -> float:
+    """The share of ``split``'s prompts whose greedy generation has the gold final answer
+    (``dm.final_answer`` of the decoded text: the worked steps may differ)."""
+    from kdbench.generate import generate
+
+    prompts, gold = dm.prompts(split), dm.answers(split)
+    device = next(model.parameters()).device
+    hits = 0
+    for i in range(0, len(prompts), dm.eval_batch_size):
+        p = prompts[i : i + dm.eval_batch_size].to(device)
+        out = generate(model, p, dm.max_answer_len, greedy=True, eos=dm.eos_id)
+        for row, answer in zip(out[:, p.shape[1] :].tolist(), gold[i : i + len(p)], strict=True):
+            hits += dm.final_answer(dm.decode(row)) == dm.final_answer(answer)
+    return hits / max(len(prompts), 1)
 
 
 class SchemeModule(EvalMixin, L.LightningModule):
@@ -174,6 +235,7 @@ class SchemeModule(EvalMixin, L.LightningModule):
     accepts_teacher_ensemble = True
     student_role = "student"
     supports_resume = True  # each fit continued from its last.ckpt (see fit_names)
+    supports_language_models = True  # logits [B, L, V] (per-token terms: kdbench.methods)
 
     def __init__(self, optim_cfg) -> None:
         super().__init__()
@@ -373,15 +435,17 @@ class SchemeModule(EvalMixin, L.LightningModule):
         for n, names, values in self._parts:
             groups.setdefault(names, []).append((n, values))
         sums: dict[str, float] = {}
-        count = sum(n for n, _, _ in self._parts)
+        counts: dict[str, int] = {}  # a term of some steps only (on-policy): its own steps' mean
         for names, parts in groups.items():
             sizes = torch.tensor([n for n, _ in parts], dtype=torch.float32)
             values = torch.stack([torch.stack(v).float().cpu() for _, v in parts])
             for name, total in zip(names, (values * sizes[:, None]).sum(0).tolist(), strict=True):
                 sums[name] = sums.get(name, 0.0) + total
+                counts[name] = counts.get(name, 0) + int(sizes.sum())
         for name, total in sums.items():
+            mean = total / counts[name]
             name = name.removesuffix(METRIC)
-            self.log(f"train/{name}", total / count, sync_dist=self.trainer.world_size > 1)
+            self.log(f"train/{name}", mean, sync_dist=self.trainer.world_size > 1)
         self._parts = []
 
 

@@ -130,6 +130,7 @@ def build_exits(student: TappedModel, input_shape, num_classes: int, name: str) 
 
 
 class BYOT(SchemeModule):
+    supports_language_models = False  # not built for logits [B, L, V] yet
     needs_pretrained_teacher = False
     accepts_teacher_ensemble = False
 

@@ -180,6 +180,7 @@ class DataFree(Offline):
     cache: every generated batch is new)."""
 
     accepts_teacher_ensemble = False
+    supports_language_models = False  # generates float inputs, not token ids
     supports_resume = True  # G, both optimizers and the step's latents come back (see _Latents)
 
     def __init__(

@@ -41,7 +41,13 @@ class Offline(SchemeModule):
     @classmethod
     def from_context(cls, ctx) -> Offline:
         teacher = None if ctx.info.get("teacher_free") else ctx.teacher
-        return cls(ctx.student, teacher, ctx.method, ctx.cfg.optim, **cache_options(ctx.cfg))
+        return cls(
+            ctx.student,
+            topk_view(teacher, ctx.method),
+            ctx.method,
+            ctx.cfg.optim,
+            **cache_options(ctx.cfg),
+        )
 
     @classmethod
     def prepare(cls, ctx) -> None:
@@ -76,6 +82,12 @@ class Offline(SchemeModule):
             self.teacher, dm, self.method.taps, self.device, self.cache_limit_mb, self.cache_dir
         )
         self.record_tag("teacher_outputs", source)
+        if self._teacher_cache is not None:  # what the cache costs (top-K: a fraction of V)
+            per = output_cache.bytes_per_sample(self._teacher_cache)
+            z = self._teacher_cache.logits
+            unit = "token" if z.dim() == 3 else "sample"
+            per = per / z.shape[1] if z.dim() == 3 else per
+            self.record_tag(f"teacher_outputs_bytes_per_{unit}", f"{per:.0f}")
         if self.global_rank == 0:
             from kdbench.progress import say
 
@@ -108,8 +120,8 @@ class Offline(SchemeModule):
     def evaluate(self, x):
         out = {"student": self.student(x).logits}
         if self.teacher is not None:
-            with torch.no_grad():
-                out["teacher"] = self.teacher(x).logits
+            with torch.no_grad():  # (a top-K black box is evaluated whole)
+                out["teacher"] = getattr(self.teacher, "full", self.teacher)(x).logits
         return out
 
     def on_save_checkpoint(self, checkpoint) -> None:
@@ -117,6 +129,16 @@ class Offline(SchemeModule):
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith("teacher.")]:
             del sd[key]
+
+
+def topk_view(teacher, method):
+    """The teacher as the method sees it: a top-K black box (:class:`TopKTeacher`) with
+    ``method.teacher_topk=K``, else itself."""
+    if teacher is None or not getattr(method, "teacher_topk", None):
+        return teacher
+    from kdbench.teacher import TopKTeacher
+
+    return TopKTeacher(teacher, method.teacher_topk, method.temperature)
 
 
 def cache_options(cfg) -> dict:

@@ -49,6 +49,7 @@ from kdbench.taps import Outputs, TappedModel
 
 
 class PSKD(SchemeModule):
+    supports_language_models = False  # not built for logits [B, L, V] yet
     needs_pretrained_teacher = False
     accepts_teacher_ensemble = False
 

@@ -15,7 +15,8 @@ import shutil
 import torch
 
 from kdbench.errors import ConfigError
-from kdbench.metrics import accuracy, ensemble_logits
+from kdbench.metrics import ensemble_logits
+from kdbench.schemes.base import token_accuracy as accuracy  # per token for LMs
 from kdbench.schemes.offline import Offline, cache_options
 
 

@@ -138,6 +138,8 @@ class TAKD(Offline):
     evaluation leaves the assistant out (``teacher/test/acc`` and ``test/agreement`` are the
     real teacher's, measured after the fit)."""
 
+    supports_language_models = False  # not built for logits [B, L, V] yet
+
     accepts_teacher_ensemble = False
 
     @classmethod
