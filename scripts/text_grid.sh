@@ -15,6 +15,8 @@ export KDBENCH_PROGRESS=${KDBENCH_PROGRESS:-none}
 epochs=()
 if [ -n "${EPOCHS:-}" ]; then epochs=(trainer.max_epochs="$EPOCHS"); fi
 METHODS=kd,reverse_kd,jsd,skew_kl,skew_reverse_kl,tvd,hidden_cos,minilm
+# lighter efficiency measurements than the default (1024-batch throughput, 30 latency runs)
+light=(efficiency.throughput_batch=256 efficiency.latency_runs=10)
 
 fresh_store() {  # a new MLflow store outputs/<experiment>.db for this part of the grid
   rm -f "outputs/$1.db"
@@ -24,7 +26,7 @@ fresh_store() {  # a new MLflow store outputs/<experiment>.db for this part of t
 # -- shakespeare_char -------------------------------------------------------------------------
 EXP=text_shakespeare
 fresh_store $EXP
-common=(experiment=shakespeare_char mlflow.experiment=$EXP seed="$SEEDS" "${epochs[@]}")
+common=(experiment=shakespeare_char mlflow.experiment=$EXP seed="$SEEDS" "${epochs[@]}" "${light[@]}")
 python -m kdbench -m method=none scheme=offline,seqkd "${common[@]}"
 python -m kdbench -m method=$METHODS scheme=offline,seqkd,onpolicy "${common[@]}"
 {
@@ -51,7 +53,7 @@ python -m kdbench.leaderboard --experiment "$EXP" --out-dir "results/text/shakes
 # -- arithmetic -------------------------------------------------------------------------------
 EXP=text_arithmetic
 fresh_store $EXP
-common=(experiment=arithmetic mlflow.experiment=$EXP seed="$SEEDS" "${epochs[@]}")
+common=(experiment=arithmetic mlflow.experiment=$EXP seed="$SEEDS" "${epochs[@]}" "${light[@]}")
 python -m kdbench -m method=none,kd scheme=offline,seqkd "${common[@]}"
 {
   echo "# Arithmetic with worked answers: sequence-level KD vs token-level KD vs none"
