@@ -668,6 +668,10 @@ def flagship_section(
     return [*lines, ""]
 
 
+SECTIONS = ["pieces", "overhead", "interleaved", "cache", "startup", "wall", "cifar", "flagship"]
+SECTIONS += ["text"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3, help="kdbench/plain alternations per case")
@@ -678,17 +682,7 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="with --only: append to --out")
     p.add_argument(
         "--only",
-        choices=[
-            "pieces",
-            "overhead",
-            "interleaved",
-            "cache",
-            "startup",
-            "wall",
-            "cifar",
-            "flagship",
-            "text",
-        ],
+        choices=SECTIONS,
         nargs="*",
     )
     p.add_argument(
@@ -705,20 +699,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = set(
-        args.only
-        or [
-            "pieces",
-            "overhead",
-            "interleaved",
-            "cache",
-            "startup",
-            "wall",
-            "cifar",
-            "flagship",
-            "text",
-        ]
-    )
+    sections = set(args.only or SECTIONS)
     lines = [
         "---" if args.append else "# kdbench speed: overhead against a plain PyTorch loop, caches",
         "",
