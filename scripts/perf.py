@@ -441,6 +441,7 @@ def text_section(tmp: Path, rounds: int, epochs: int) -> list[str]:
     context = int(compose(TEXT).dataset.context)
     for r in range(rounds):
         ov = [*TEXT, f"trainer.max_epochs={epochs}"]
+        (tmp / f"text{r}").mkdir(parents=True, exist_ok=True)
         ours.append(throughput(run_kdbench(ov, tmp / f"text{r}").epochs))
         plain.append(throughput(plain_text_loop(TEXT, epochs, tuned=False)))
         tuned.append(throughput(plain_text_loop(TEXT, epochs, tuned=True)))
