@@ -697,6 +697,11 @@ def main() -> None:
         help="flagship: extra overrides of both commands (default: none, the full recipe)",
     )
     p.add_argument("--cases", nargs="*", choices=[k for _, _, k in CASES], help="overhead cases")
+    p.add_argument(
+        "--cache-dir",
+        help="reuse this kdbench cache (trained teachers, data) instead of a fresh one, e.g. "
+        "~/.cache/kdbench after scripts/text_grid.sh (the cold/warm sections keep their own)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -713,7 +718,7 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        os.environ["KDBENCH_CACHE_DIR"] = str(tmp / "cache")
+        os.environ["KDBENCH_CACHE_DIR"] = args.cache_dir or str(tmp / "cache")
         if "pieces" in sections:
             lines += pieces_section()
         if "overhead" in sections:
