@@ -13,8 +13,12 @@ cd "$(dirname "$0")/.."
 mkdir -p outputs results/text
 SEEDS=${SEEDS:-0,1,2}
 export KDBENCH_PROGRESS=${KDBENCH_PROGRESS:-none}
-# 2 student epochs (the preset trains 3): 78 shakespeare runs fit in about an hour on 2 cores
+# shakespeare_char: 2 student epochs (the preset trains 3), so its 78 runs fit in about an hour
+# on 2 cores; arithmetic: the preset's 4 epochs. EPOCHS=N sets both. ONLY=shakespeare|arithmetic
+# runs one part.
 epochs=(trainer.max_epochs="${EPOCHS:-2}")
+arith_epochs=(trainer.max_epochs="${EPOCHS:-4}")
+ONLY=${ONLY:-all}
 METHODS=kd,reverse_kd,jsd,skew_kl,skew_reverse_kl,tvd,hidden_cos,minilm
 # lighter efficiency measurements than the default (1024-batch throughput, 30 latency runs)
 light=(efficiency.throughput_batch=256 efficiency.latency_runs=10)
@@ -25,6 +29,7 @@ fresh_store() {  # a new MLflow store outputs/<experiment>.db for this part of t
 }
 
 # -- shakespeare_char -------------------------------------------------------------------------
+if [ "$ONLY" != arithmetic ]; then
 EXP=text_shakespeare
 fresh_store $EXP
 common=(experiment=shakespeare_char mlflow.experiment=$EXP seed="$SEEDS" "${epochs[@]}" "${light[@]}")
@@ -50,18 +55,20 @@ python -m kdbench -m method=$METHODS scheme=offline,seqkd,onpolicy "${common[@]}
   python -m kdbench.leaderboard --experiment "$EXP" --markdown --no-mlflow
 } > "results/$EXP.md"
 python -m kdbench.leaderboard --experiment "$EXP" --out-dir "results/text/shakespeare" --no-mlflow > /dev/null
+fi
 
 # -- arithmetic -------------------------------------------------------------------------------
+if [ "$ONLY" != shakespeare ]; then
 EXP=text_arithmetic
 fresh_store $EXP
-common=(experiment=arithmetic mlflow.experiment=$EXP seed="$SEEDS" "${epochs[@]}" "${light[@]}")
+common=(experiment=arithmetic mlflow.experiment=$EXP seed="$SEEDS" "${arith_epochs[@]}" "${light[@]}")
 python -m kdbench -m method=none,kd scheme=offline,seqkd "${common[@]}"
 {
   echo "# Arithmetic with worked answers: sequence-level KD vs token-level KD vs none"
   echo
   echo "Produced by \`bash scripts/text_grid.sh\` ($(date -u +%Y-%m-%d), $(nproc) CPU cores, kdbench $(git rev-parse --short HEAD 2>/dev/null || echo '?'))."
   echo "\`experiment=arithmetic\` as shipped: 3-digit additions with step-by-step answers, 5700"
-  echo "training / 300 validation / 500 test problems; teacher gpt_small, student gpt_tiny, ${EPOCHS:-2} epochs (the preset: 4),"
+  echo "training / 300 validation / 500 test problems; teacher gpt_small, student gpt_tiny, ${EPOCHS:-4} epochs (the preset's),"
   echo "T = 1. Seeds: $SEEDS. Rows: offline none = the student alone on the gold traces; offline kd ="
   echo "token-level KD on the gold traces; seqkd none = Seq-KD (CE on the teacher's greedy traces);"
   echo "seqkd kd = Seq-KD + token-level KD on the teacher's traces."
@@ -70,4 +77,5 @@ python -m kdbench -m method=none,kd scheme=offline,seqkd "${common[@]}"
   python -m kdbench.leaderboard --experiment "$EXP" --markdown --no-mlflow
 } > "results/$EXP.md"
 python -m kdbench.leaderboard --experiment "$EXP" --out-dir "results/text/arithmetic" --no-mlflow > /dev/null
-cat results/text_shakespeare.md results/text_arithmetic.md
+fi
+cat results/text_*.md
