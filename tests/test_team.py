@@ -64,8 +64,18 @@ def _finish(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: 
     for name, p in procs.items():
         assert p.returncode == 0, f"{name} exited {p.returncode}:\n{outs[name][-3000:]}"
         for error in ERRORS:
-            assert error not in outs[name], f"{name}: {error}\n{outs[name][-3000:]}"
+            assert error not in _ours(outs[name]), f"{name}: {error}\n{outs[name][-3000:]}"
     return outs
+
+
+def _ours(output: str) -> str:
+    """A process's output without torchrun's own agent log lines (``.../elastic/agent/server/
+    api.py``): after both ranks finished, a node's agent may log a traceback of its exit
+    barrier when the other node's agent, which hosts the rendezvous store, has already left
+    (torch elastic's race; both exit 0). Everything kdbench and Lightning print stays."""
+    return "\n".join(
+        line for line in output.splitlines() if "elastic/agent/server/api.py" not in line
+    )
 
 
 def _tune_cmd(storage: str, study: str, n_trials: int, out: Path, *extra: str) -> list[str]:
