@@ -484,24 +484,22 @@ class Method(nn.Module):
         labels ``[B, L]`` (its mask). With a top-K teacher (``teacher_topk``) the student's
         rows are bucketed by the teacher's top-K token ids (``topk_student_logits``)."""
         feature_term = self.term is not None and self.term.token_features
-        if t is None or feature_term:  # kd (alpha) on the rows, the term on the sequences
-            terms = {}
-            if self.alpha > 0 and t is not None:
-                rows = Method(self.name, self.knowledge, 0, self.alpha, 0, self.temperature)
-                rows.logit_std, rows.teacher_topk = self.logit_std, self.teacher_topk
-                terms.update(rows.token_distill_terms(s, t, y, epoch))
-            if self.beta > 0 and (t is not None or not self.term.needs_teacher):
-                terms[self.name] = self.beta * self.term(s, t, y, epoch, None)
-            return terms
-        z_t = [t.logits]
-        if self.teacher_topk:
-            z_t.append(t.features["topk_index"])
-        (z_s, *z_t), y_rows = token_rows([s.logits, *z_t], y)
-        if self.teacher_topk:
-            from kdbench.losses import topk_student_logits
+        terms: dict[str, torch.Tensor] = {}
+        if t is not None and (self.alpha > 0 or not feature_term):  # the response terms: rows
+            z_t = [t.logits]
+            if self.teacher_topk:
+                z_t.append(t.features["topk_index"])
+            (z_s, *z_t), y_rows = token_rows([s.logits, *z_t], y)
+            if self.teacher_topk:
+                from kdbench.losses import topk_student_logits
 
-            z_s = topk_student_logits(z_s, z_t[1].long(), self.temperature)
-        return self.distill_terms(Outputs(z_s), Outputs(z_t[0]), y_rows, epoch, None)
+                z_s = topk_student_logits(z_s, z_t[1].long(), self.temperature)
+            rows_s, rows_t = Outputs(z_s), Outputs(z_t[0])
+            terms = self.distill_terms(rows_s, rows_t, y_rows, epoch, None, term=not feature_term)
+        term_on_sequences = t is None or feature_term  # (a feature term masks them itself)
+        if term_on_sequences and self.beta > 0 and (t is not None or not self.term.needs_teacher):
+            terms[self.name] = self.beta * self.term(s, t, y, epoch, None)
+        return terms
 
     def forward(
         self, s: Outputs, t: Outputs | None, y: torch.Tensor, epoch: int, index=None
