@@ -314,29 +314,41 @@ def attention_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def _rkd_relations(
-    e: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(g, h, r, d)`` of the embeddings ``e`` (``B x D``), all ``B x B`` and float64.
-
-    ``e`` is centred first (the relations only involve differences, so this changes nothing but
-    the rounding). ``g = e e^T``; ``d[a, b] = ||e_a - e_b|| = sqrt(g_aa + g_bb - 2 g_ab)`` with the
-    squared distance clamped at 1e-12 and the diagonal 0; ``r = 1 / d`` off the diagonal, 0 on it
-    (``u_jj = 0``, as ``F.normalize`` of a zero vector); ``h[j, i] = g_ji - g_jj / 2``, so that
-    ``<e_i - e_j, e_k - e_j> = g_ik - h_ji - h_jk``. Float64 keeps that difference exact enough
-    for near-duplicate embeddings (float32 Gram entries would cancel to noise).
-    """
+def _rkd_gram(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ec, g)``: the embeddings ``e`` (``B x D``) centred, in float64 (the relations only
+    involve differences, so centring changes nothing but the rounding), and ``g = ec ec^T``."""
     dtype = torch.float32 if e.device.type == "mps" else torch.float64  # MPS has no float64
     e = e.to(dtype)
-    e = e - e.mean(dim=0, keepdim=True)
-    g = e @ e.t()
+    ec = e - e.mean(dim=0, keepdim=True)
+    return ec, ec @ ec.t()
+
+
+def _through_gram(a_g: torch.Tensor, ec: torch.Tensor) -> torch.Tensor:
+    """``dL/de`` from the symmetric ``a_g`` (``dL/dg`` plus its transpose) of ``g = ec ec^T``,
+    ``ec`` the centred ``e``."""
+    a_ec = a_g @ ec
+    return a_ec - a_ec.mean(dim=0, keepdim=True)
+
+
+def _rkd_relations(e: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(ec, g, h, r, d, live)`` of the embeddings ``e`` (``B x D``), float64 (:func:`_rkd_gram`).
+
+    ``d[a, b] = ||e_a - e_b|| = sqrt(g_aa + g_bb - 2 g_ab)`` with the squared distance clamped
+    at 1e-12 and the diagonal 0; ``live`` marks the off-diagonal pairs above the clamp (the
+    ones a gradient reaches); ``r = 1 / d`` off the diagonal, 0 on it (``u_jj = 0``, as
+    ``F.normalize`` of a zero vector); ``h[j, i] = g_ji - g_jj / 2``, so that ``<e_i - e_j, e_k -
+    e_j> = g_ik - h_ji - h_jk``. Float64 keeps that difference exact enough for near-duplicate
+    embeddings (float32 Gram entries would cancel to noise).
+    """
+    ec, g = _rkd_gram(e)
     sq = g.diagonal()
-    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    off = ~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     d2 = sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * g
-    d = d2.clamp(min=1e-12).sqrt().masked_fill(eye, 0.0)
-    r = (1.0 / d.clamp(min=1e-12)).masked_fill(eye, 0.0)
+    live = (d2 >= 1e-12) & off
+    d = d2.clamp(min=1e-12).sqrt() * off
+    r = torch.where(off, 1.0 / d.clamp(min=1e-12), 0.0)
     h = g - 0.5 * sq.unsqueeze(1)
-    return g, h, r, d
+    return ec, g, h, r, d, live
 
 
 def _rkd_angles(g: torch.Tensor, h: torch.Tensor, r: torch.Tensor, js: slice) -> torch.Tensor:
@@ -350,95 +362,154 @@ def _rkd_angles(g: torch.Tensor, h: torch.Tensor, r: torch.Tensor, js: slice) ->
     return m.mul_(rj.unsqueeze(2)).mul_(rj.unsqueeze(1))
 
 
-def _rkd_chunk(batch: int, device: torch.device) -> int:
-    """Anchors ``j`` per block of the ``B^3`` angle tensor: ~1 MB blocks stay in a CPU cache."""
+def _rkd_angle_sums(student, teacher, mode: int) -> tuple[torch.Tensor, list]:
+    """The angle term's total and sums (see ``kdbench.kernels.rkd_angle_sums``: ``mode``, and
+    the order ``[gs, hs, ss, gt, ht, st]``) in PyTorch, a block of anchors at a time (no
+    ``B^3`` tensor is kept): the form for GPUs, MPS and a CPU without numba (the kernel's
+    order of operations differs, and it forms ``psi`` in float64, so the two agree to
+    rounding)."""
+    (g_s, h_s, r_s), (g_t, h_t, r_t) = student, teacher
+    batch, device = g_s.shape[0], g_s.device
+    # ~64 MB blocks on a GPU; ~1 MB (a CPU cache) elsewhere
     elements = 2**24 if device.type == "cuda" else 2**18
-    return max(1, min(batch, elements // (batch * batch)))
+    step = max(1, min(batch, elements // (batch * batch)))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    sums = [torch.zeros(batch, batch, device=device) for _ in range(6)]
+    sides = ((r_s.float(), sums[:3]), (r_t.float(), sums[3:]))[:mode]
+    for start in range(0, batch, step):
+        js = slice(start, min(batch, start + step))
+        psis = (_rkd_angles(g_s, h_s, r_s, js), _rkd_angles(g_t, h_t, r_t, js))
+        x = psis[0] - psis[1]
+        c = x.clamp(-1.0, 1.0)
+        total += (c * (x - 0.5 * c)).sum(dtype=torch.float64)
+        for (r32, (gg, hh, ss)), psi in zip(sides, psis, strict=False):
+            ss[js] = (c * psi).sum(dim=2)
+            q = c * r32[js].unsqueeze(2) * r32[js].unsqueeze(1)
+            gg += q.sum(dim=0)
+            hh[js] = q.sum(dim=2)
+    return total, sums
 
 
-class _RkdAngleLoss(torch.autograd.Function):
-    """``sum_jik SmoothL1(psi_s[j, i, k] - psi_t[j, i, k])`` from the student's ``(g, h, r, d)``
-    and the teacher's ``(g, h, r)``, in blocks of anchors ``j``; the forward pass also forms the
-    gradients with respect to the student's ``g``, ``h`` and ``r`` (``B x B``), so no ``B^3``
-    tensor is kept for the backward pass. With ``x = psi_s - psi_t`` and ``c = clamp(x, -1, 1)``
-    (SmoothL1's derivative): ``dL/dg_ik = sum_j c_jik r_ji r_jk``,
-    ``dL/dh_ji = -2 sum_k c_jik r_ji r_jk`` and ``dL/dr_ji = 2 d_ji sum_k c_jik psi_jik``
-    (``psi`` and ``c`` are symmetric in ``i, k``)."""
+def _cpu_kernels():
+    """``kdbench.kernels`` (numba), or None where it cannot be loaded (numba missing, or no
+    usable cache directory for its machine code): the PyTorch form then runs, with the same
+    result, slower (a warning says so once)."""
+    global _KERNELS
+    if _KERNELS is False:
+        try:
+            from kdbench import kernels
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the PyTorch form
+            import warnings
+
+            warnings.warn(
+                f"kdbench.kernels (numba) is unavailable ({type(exc).__name__}: {exc}); "
+                "RKD runs in its PyTorch form on the CPU (same values, several times slower). "
+                "Fix: pip install -c constraints.txt numba",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            kernels = None
+        _KERNELS = kernels
+    return _KERNELS
+
+
+_KERNELS = False  # not looked up yet
+
+
+def _rkd_backprop(ec, g, d, r, live, a_g, a_h, a_r, a_d) -> torch.Tensor:
+    """``dL/de`` from ``dL/dg``, ``dL/dh``, ``dL/dr`` and ``dL/dd`` of :func:`_rkd_relations`'s
+    outputs (each taken as independent): ``r = 1/d``, ``d = sqrt(d2)`` on the live pairs,
+    ``d2_ab = g_aa + g_bb - 2 g_ab``, ``h_ji = g_ji - g_jj / 2``, ``g = ec ec^T`` and ``ec`` the
+    centred ``e``."""
+    a_d = a_d - a_r * r * r
+    a_d2 = torch.where(live, a_d / (2.0 * d.clamp(min=1e-300)), 0.0)
+    a_g = a_g + a_h - 2.0 * a_d2
+    a_g.diagonal().add_(a_d2.sum(dim=1) + a_d2.sum(dim=0) - 0.5 * a_h.sum(dim=1))
+    return _through_gram(a_g + a_g.t(), ec)
+
+
+def _rkd_value_and_grads(e_s, e_t, distance_weight, angle_weight, mode, threads=1):
+    """RKD's value and gradients in closed form: ``(loss, dL/de_s, dL/de_t)``, the student's
+    gradient with ``mode`` >= 1, the teacher's with ``mode`` 2 (else None). On the CPU the
+    compiled form (``kdbench.kernels.rkd``, its angle term on ``threads`` threads), elsewhere
+    :func:`_rkd_value_and_grads_torch`; the two agree to rounding (tests/test_losses.py)."""
+    kernels = _cpu_kernels() if e_s.device.type == "cpu" else None
+    if kernels is None:
+        return _rkd_value_and_grads_torch(e_s, e_t, distance_weight, angle_weight, mode)
+    (ec_s, g_s), (ec_t, g_t) = _rkd_gram(e_s), _rkd_gram(e_t)
+    loss, sym = kernels.rkd(g_s.numpy(), g_t.numpy(), distance_weight, angle_weight, mode, threads)
+    ecs = (ec_s, ec_t)[:mode]
+    grads = [_through_gram(torch.from_numpy(a), ec) for a, ec in zip(sym, ecs, strict=True)]
+    return torch.tensor(loss), *(grads + [None, None])[:2]
+
+
+def _rkd_value_and_grads_torch(e_s, e_t, distance_weight, angle_weight, mode):
+    """:func:`_rkd_value_and_grads` in PyTorch (any device)."""
+    batch = e_s.shape[0]
+    pairs = batch * (batch - 1)  # the off-diagonal distances, all positive after the clamp
+    ec_s, g_s, h_s, r_s, d_s, live_s = _rkd_relations(e_s)
+    ec_t, g_t, h_t, r_t, d_t, live_t = _rkd_relations(e_t)
+    mean_s, mean_t = d_s.sum() / pairs, d_t.sum() / pairs
+    y = d_s / mean_s - d_t / mean_t
+    c = y.clamp(-1.0, 1.0)
+    loss = distance_weight * (c * (y - 0.5 * c)).sum() / batch**2
+    if angle_weight:
+        total, sums = _rkd_angle_sums((g_s, h_s, r_s), (g_t, h_t, r_t), mode)
+        loss = loss + angle_weight * total.to(loss.device) / batch**3
+    if mode == 0:
+        return loss, None, None
+    # dL/d(d / mean) = distance_weight * c / B^2 on the student side, minus that on the teacher's
+    k_d, k_a = distance_weight / batch**2, angle_weight / batch**3
+    grads = []
+    for sign, ec, g, r, d, live, mean, part in (
+        (1.0, ec_s, g_s, r_s, d_s, live_s, mean_s, 0),
+        (-1.0, ec_t, g_t, r_t, d_t, live_t, mean_t, 3),
+    )[:mode]:
+        a_dn = sign * k_d * c
+        a_d = a_dn / mean - (a_dn * d).sum() / (mean * mean * pairs)
+        if angle_weight:
+            gg, hh, ss = (x.to(device=g.device, dtype=g.dtype) for x in sums[part : part + 3])
+            a_g, a_h, a_r = sign * k_a * gg, -2.0 * sign * k_a * hh, 2.0 * sign * k_a * d * ss
+        else:
+            a_g = a_h = a_r = torch.zeros_like(g)
+        grads.append(_rkd_backprop(ec, g, d, r, live, a_g, a_h, a_r, a_d))
+    return loss, grads[0], grads[1] if mode == 2 else None
+
+
+class _RkdLoss(torch.autograd.Function):
+    """RKD with its gradients formed in the forward pass (closed form, see
+    :func:`_rkd_value_and_grads`): no autograd graph of ``B x B`` steps, and the angle term's
+    ``B^3`` work is one pass (``kdbench.kernels``) on the CPU. Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, g_s, h_s, r_s, d_s, g_t, h_t, r_t, d_t=None):
-        batch = g_s.shape[0]
-        need_grad = any(ctx.needs_input_grad[:3])
-        # d_t given and the teacher's relations with gradients: both sides learn (online peers,
-        # one call for both directions; the loss is symmetric in its two sides)
-        both = d_t is not None and any(ctx.needs_input_grad[4:7])
-        total = torch.zeros((), dtype=torch.float32, device=g_s.device)
-        grads = (
-            [torch.zeros(batch, batch, device=g_s.device) for _ in range(6 if both else 3)]
-            if need_grad or both
-            else []
-        )
-        r32, d32 = r_s.float(), d_s.float()
-        if both:
-            r32, d32 = (r32, r_t.float()), (d32, d_t.float())
-        step = _rkd_chunk(batch, g_s.device)
-        # On the CPU the ~20 block operations run on one thread: each is small, and with every
-        # core in use (other processes) a parallel region waits for a descheduled thread, which
-        # made an online rkd epoch ~30x slower on a loaded 2-core machine (results/perf.md)
+    def forward(ctx, e_s, e_t, distance_weight, angle_weight, both):
+        mode = 2 if both else 1 if ctx.needs_input_grad[0] else 0
+        # On the CPU the many small B x B steps run on one thread (the kernel has its own):
+        # with every core busy (other processes) a parallel region waits for a descheduled
+        # thread, which made an online rkd epoch ~30x slower on a loaded machine
         threads = torch.get_num_threads()
-        single = g_s.device.type == "cpu" and threads > 1
+        single = e_s.device.type == "cpu" and threads > 1
         if single:
             torch.set_num_threads(1)
         try:
-            _rkd_angle_blocks(g_s, h_s, r_s, g_t, h_t, r_t, r32, d32, step, total, grads)
+            loss, grad_s, grad_t = _rkd_value_and_grads(
+                e_s, e_t, distance_weight, angle_weight, mode, threads
+            )
         finally:
             if single:
                 torch.set_num_threads(threads)
-        ctx.grad_dtype = g_s.dtype
-        ctx.both = both
-        ctx.save_for_backward(*grads)
-        return total
+        saved = [x.to(e_s.dtype) for x in (grad_s, grad_t) if x is not None]
+        ctx.save_for_backward(*saved)
+        ctx.mode = mode
+        return loss.to(torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads = [grad_output * x.to(ctx.grad_dtype) for x in ctx.saved_tensors]
-        if ctx.both:
-            return (*grads[:3], None, *grads[3:], None)
-        return (*grads, None, None, None, None, None)
-
-
-def _rkd_angle_blocks(g_s, h_s, r_s, g_t, h_t, r_t, r32, d32, step, total, grads) -> None:
-    """The block loop of :class:`_RkdAngleLoss`: adds into ``total`` and (when given) ``grads``
-    (three: the student side's; six: both sides', with ``r32``/``d32`` pairs of both sides).
-    The teacher side's gradient is the student side's formula with ``-c`` and its own ``psi``,
-    ``r`` and ``d``."""
-    batch = g_s.shape[0]
-    both = len(grads) == 6
-    for start in range(0, batch, step):
-        js = slice(start, min(batch, start + step))
-        psi_s = _rkd_angles(g_s, h_s, r_s, js)
-        psi_t = _rkd_angles(g_t, h_t, r_t, js)
-        total += F.smooth_l1_loss(psi_s, psi_t, reduction="sum")
-        if not grads:
-            continue
-        if not both:
-            c = torch.sub(psi_s, psi_t, out=psi_t).clamp_(-1.0, 1.0)
-            _rkd_side_grads(c, psi_s, r32, d32, js, grads)
-            continue
-        c = (psi_s - psi_t).clamp_(-1.0, 1.0)
-        _rkd_side_grads(c.neg(), psi_t, r32[1], d32[1], js, grads[3:])
-        _rkd_side_grads(c, psi_s, r32[0], d32[0], js, grads[:3])
-
-
-def _rkd_side_grads(c, psi, r32, d32, js, grads) -> None:
-    """One side's ``dL/dg``, ``dL/dh``, ``dL/dr`` (added into ``grads``) from ``c`` (SmoothL1's
-    derivative with respect to that side's ``psi``) for the anchors ``js``; overwrites ``c`` and
-    ``psi``."""
-    grads[2][js] = 2.0 * d32[js] * psi.mul_(c).sum(dim=2)
-    c.mul_(r32[js].unsqueeze(2)).mul_(r32[js].unsqueeze(1))
-    grads[0] += c.sum(dim=0)
-    grads[1][js] = -2.0 * c.sum(dim=2)
+        grads = [grad_output * x for x in ctx.saved_tensors]
+        grad_s = grads[0] if ctx.mode >= 1 else None
+        grad_t = grads[1] if ctx.mode == 2 else None
+        return grad_s, grad_t, None, None, None
 
 
 def rkd_loss(
@@ -453,21 +524,22 @@ def rkd_loss(
     ``d_ij = ||e_i - e_j||`` (squared distance clamped at 1e-12 before the sqrt, diagonal 0)
     divided by the mean of the positive ``d_ij``; ``L_D = SmoothL1(d_s, d_t)`` (mean).
     ``psi_ijk = <u_ij, u_kj>``, ``u_ij = l2_normalize(e_i - e_j)``; ``L_A = SmoothL1(psi_s,
-    psi_t)`` (mean). Embeddings are flattened to ``B x D``; the teacher side runs under
-    ``torch.no_grad()``.
+    psi_t)`` (mean). Embeddings are flattened to ``B x D``; no gradient reaches the teacher
+    side.
 
     Computed from the Gram matrix ``e e^T`` (:func:`_rkd_relations`): ``O(B^2 D + B^3)`` time
-    and ``O(B^2)`` memory instead of the direct form's ``O(B^3 D)`` and ``O(B^2 D)``. The direct
-    form normalises ``e_i - e_j`` by ``max(||e_i - e_j||, 1e-12)``; here the angle uses the same
-    clamped distance as ``L_D`` (``max(||e_i - e_j||, 1e-6)``), which only differs for pairs
-    closer than 1e-6 (their angles are rounding noise either way; exact duplicates give
-    ``psi = 0`` in both). Not twice differentiable.
+    and ``O(B^2)`` memory instead of the direct form's ``O(B^3 D)`` and ``O(B^2 D)``, with the
+    gradients in closed form (:class:`_RkdLoss`). The direct form normalises ``e_i - e_j`` by
+    ``max(||e_i - e_j||, 1e-12)``; here the angle uses the same clamped distance as ``L_D``
+    (``max(||e_i - e_j||, 1e-6)``), which only differs for pairs closer than 1e-6 (their angles
+    are rounding noise either way; exact duplicates give ``psi = 0`` in both). Not twice
+    differentiable.
 
-    ``teacher_grad=True``: both sides keep their gradients (no ``no_grad`` on the teacher side).
-    The loss is symmetric in its two embeddings, so between two online peers A and B one call
-    ``rkd_loss(A, B, teacher_grad=True)`` gives each peer exactly the gradient of its own
-    direction (``rkd_loss(A, B.detach())`` for A, ``rkd_loss(B, A.detach())`` for B) at about
-    half the cost of the two calls: each side's relations and angles are formed once.
+    ``teacher_grad=True``: both sides get their gradients. The loss is symmetric in its two
+    embeddings, so between two online peers A and B one call ``rkd_loss(A, B,
+    teacher_grad=True)`` gives each peer exactly the gradient of its own direction
+    (``rkd_loss(A, B.detach())`` for A, ``rkd_loss(B, A.detach())`` for B) at about half the
+    cost of the two calls: each side's relations and angles are formed once.
     """
     if student_embedding.shape[0] != teacher_embedding.shape[0]:
         raise ValueError(
@@ -479,17 +551,10 @@ def rkd_loss(
         raise ValueError("rkd_loss: needs a batch of at least 2 samples")
     e_s = student_embedding.float().reshape(batch, -1)
     e_t = teacher_embedding.float().reshape(batch, -1)
-    pairs = batch * (batch - 1)  # the off-diagonal distances, all positive after the clamp
-
-    with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
-        g_t, h_t, r_t, d_t_raw = _rkd_relations(e_t)
-        d_t = d_t_raw / (d_t_raw.sum() / pairs)
-    g_s, h_s, r_s, d_s = _rkd_relations(e_s)
-    loss_distance = F.smooth_l1_loss((d_s / (d_s.sum() / pairs)).float(), d_t.float())
-    both = (d_t_raw.detach(),) if g_t.requires_grad else ()
-    angle_sum = _RkdAngleLoss.apply(g_s, h_s, r_s, d_s.detach(), g_t, h_t, r_t, *both)
-    loss_angle = angle_sum / batch**3
-    return distance_weight * loss_distance + angle_weight * loss_angle
+    both = teacher_grad and torch.is_grad_enabled() and e_t.requires_grad
+    return _RkdLoss.apply(
+        e_s, e_t if both else e_t.detach(), float(distance_weight), float(angle_weight), both
+    )
 
 
 def pkt_loss(

@@ -452,6 +452,17 @@ def test_attention_loss_invalid_inputs_raise() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def rkd_form(request, monkeypatch) -> str:
+    """Each RKD test runs on both forms: the compiled CPU kernel (kdbench/kernels.py, what a CPU
+    run uses) and the PyTorch form (GPUs, MPS, a CPU without numba)."""
+    if request.param == "torch":
+        monkeypatch.setattr(losses, "_KERNELS", None)
+    else:
+        assert losses._cpu_kernels() is not None, "numba is a dependency: the kernel must load"
+    return request.param
+
+
 def rkd_reference(
     student: torch.Tensor, teacher: torch.Tensor, w_d: float = 25.0, w_a: float = 50.0
 ) -> float:
@@ -492,7 +503,7 @@ def rkd_reference(
     return w_d * loss_d + w_a * loss_a
 
 
-def test_rkd_worked_example_distance_only() -> None:
+def test_rkd_worked_example_distance_only(rkd_form: str) -> None:
     # 1-D embeddings, same ordering -> every angle term agrees (psi in {-1, 0, 1}): L_A = 0.
     # student e = [0, 1, 3]: d01 = 1, d02 = 3, d12 = 2, mean of positive d = 2
     #   -> normalised d01 = 0.5, d02 = 1.5, d12 = 1.0
@@ -509,7 +520,7 @@ def test_rkd_worked_example_distance_only() -> None:
     )
 
 
-def test_rkd_worked_example_distance_and_angle() -> None:
+def test_rkd_worked_example_distance_and_angle(rkd_form: str) -> None:
     # student e = [0, 1, 3] -> normalised d01 = 0.5, d02 = 1.5, d12 = 1 (see above)
     # teacher e = [0, 3, 1]: d01 = 3, d02 = 1, d12 = 2, mean 2 -> 1.5, 0.5, 1
     # differences 1, 1, 0 -> smooth L1(1) = 1 - 0.5 = 0.5 each; twice each pair:
@@ -530,20 +541,20 @@ def test_rkd_worked_example_distance_and_angle() -> None:
 
 
 @pytest.mark.parametrize(("batch", "dim"), [(3, 4), (4, 5), (4, 1)])
-def test_rkd_matches_loop_formula(batch: int, dim: int) -> None:
+def test_rkd_matches_loop_formula(batch: int, dim: int, rkd_form: str) -> None:
     student = randn(batch, dim, seed=33)
     teacher = randn(batch, dim, seed=34, scale=2.0)
     assert rkd_loss(student, teacher).item() == approx(rkd_reference(student, teacher))
 
 
-def test_rkd_flattens_trailing_dims() -> None:
+def test_rkd_flattens_trailing_dims(rkd_form: str) -> None:
     student = randn(4, 2, 3, seed=35)
     teacher = randn(4, 6, seed=36)
     expected = rkd_reference(student.reshape(4, 6), teacher)
     assert rkd_loss(student, teacher).item() == approx(expected)
 
 
-def test_rkd_is_scale_invariant() -> None:
+def test_rkd_is_scale_invariant(rkd_form: str) -> None:
     student = randn(4, 5, seed=37)
     teacher = randn(4, 5, seed=38)
     base = rkd_loss(student, teacher).item()
@@ -552,7 +563,7 @@ def test_rkd_is_scale_invariant() -> None:
     assert rkd_loss(student, 0.2 * teacher).item() == approx(base)
 
 
-def test_rkd_does_not_backpropagate_into_teacher() -> None:
+def test_rkd_does_not_backpropagate_into_teacher(rkd_form: str) -> None:
     student = randn(4, 5, seed=39).requires_grad_()
     teacher = randn(4, 5, seed=40).requires_grad_()
     rkd_loss(student, teacher).backward()
@@ -582,7 +593,7 @@ def rkd_direct(
     return w_d * F.smooth_l1_loss(d_s, d_t) + w_a * F.smooth_l1_loss(psi_s, psi_t)
 
 
-def test_rkd_worked_example_right_angles() -> None:
+def test_rkd_worked_example_right_angles(rkd_form: str) -> None:
     # 2-D, 3 samples. Student (0,0), (1,0), (0,1); teacher (0,0), (1,0), (1,1).
     # Angles psi_ijk = <u_ij, u_kj> at anchor j; entries with i = j or k = j are 0 and
     # psi_iji = 1 on both sides, so only i != k, both != j, can differ (each twice: ijk, kji):
@@ -619,7 +630,7 @@ def _rkd_against_direct(student: torch.Tensor, teacher: torch.Tensor, grad_rel: 
 
 
 @pytest.mark.parametrize("dim", [100, 256])
-def test_rkd_gram_form_matches_direct_form_batch_128(dim: int) -> None:
+def test_rkd_gram_form_matches_direct_form_batch_128(dim: int, rkd_form: str) -> None:
     # realistic: B = 128, post-ReLU embeddings with a large common offset (the Gram form centres
     # them; uncentred float32 Gram entries of ~1e4 would lose the differences)
     student = torch.relu(randn(128, dim, seed=70)) * 3.0 + 50.0
@@ -627,7 +638,7 @@ def test_rkd_gram_form_matches_direct_form_batch_128(dim: int) -> None:
     _rkd_against_direct(student, teacher, grad_rel=1e-5)
 
 
-def test_rkd_near_duplicate_embeddings_match_direct_form() -> None:
+def test_rkd_near_duplicate_embeddings_match_direct_form(rkd_form: str) -> None:
     # pairs 1e-3 and 1e-5 apart (relative to a spread of 1): their angles are still resolved
     student, teacher = randn(16, 32, seed=72), randn(16, 32, seed=73)
     student[1] = student[0] + 1e-3 * randn(32, seed=74)
@@ -636,7 +647,7 @@ def test_rkd_near_duplicate_embeddings_match_direct_form() -> None:
     _rkd_against_direct(student, teacher, grad_rel=1e-4)
 
 
-def test_rkd_exact_duplicates_give_zero_angles() -> None:
+def test_rkd_exact_duplicates_give_zero_angles(rkd_form: str) -> None:
     # e_1 = e_0 exactly: u_01 = u_10 = 0, so every angle with that pair is 0 (as the direct
     # form's F.normalize gives); the value matches and the gradient stays finite
     student, teacher = randn(12, 8, seed=77), randn(12, 8, seed=78)
@@ -647,6 +658,103 @@ def test_rkd_exact_duplicates_give_zero_angles() -> None:
     value.backward()
     assert value.item() == pytest.approx(rkd_direct(student, teacher).item(), rel=2e-6)
     assert torch.isfinite(ours.grad).all()
+
+
+def test_rkd_kernel_and_torch_forms_agree_in_every_mode(monkeypatch) -> None:
+    # value only (no gradient wanted), the student's gradient, both sides' (online peers)
+    student = torch.relu(randn(96, 40, seed=80)) + 0.5
+    teacher = torch.relu(randn(96, 64, seed=81))
+    results = {}
+    for form in ("kernel", "torch"):
+        monkeypatch.setattr(losses, "_KERNELS", False if form == "kernel" else None)
+        with torch.no_grad():
+            value_only = rkd_loss(student, teacher).item()
+        s1 = student.clone().requires_grad_()
+        one = rkd_loss(s1, teacher)
+        one.backward()
+        s2, t2 = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        both = rkd_loss(s2, t2, teacher_grad=True)
+        both.backward()
+        results[form] = (value_only, one.item(), s1.grad, both.item(), s2.grad, t2.grad)
+    kernel, torch_form = results["kernel"], results["torch"]
+    assert kernel[0] == pytest.approx(torch_form[0], rel=1e-6)
+    assert kernel[1] == pytest.approx(kernel[0], rel=1e-12)
+    assert kernel[3] == pytest.approx(torch_form[3], rel=1e-6)
+    for n in (2, 4, 5):  # the student's gradient alone; the student's and teacher's of both
+        a, b = kernel[n], torch_form[n]
+        scale = b.abs().max().item()
+        assert scale > 0
+        assert (a - b).abs().max().item() <= 1e-5 * scale
+    # both sides' call gives the student the same gradient as the student-only call
+    assert torch.allclose(kernel[2], kernel[4], rtol=0, atol=1e-6 * kernel[2].abs().max().item())
+
+
+def test_rkd_kernel_result_does_not_depend_on_thread_scheduling() -> None:
+    # the anchors are split over threads that take chunks as they come free; each chunk sums
+    # into its own accumulator and the chunks are added in order, so repeated calls (whichever
+    # thread ran which chunk) give bit-identical values and gradients
+    kernels = losses._cpu_kernels()
+    _, g_s = losses._rkd_gram(torch.relu(randn(128, 100, seed=82)) * 2.0 + 1.0)
+    _, g_t = losses._rkd_gram(torch.relu(randn(128, 128, seed=83)))
+    runs = []
+    for _ in range(5):
+        loss, grads = kernels.rkd(g_s.numpy(), g_t.numpy(), 25.0, 50.0, 2, threads=2)
+        runs.append((loss, [g.copy() for g in grads]))
+    for loss, grads in runs[1:]:
+        assert loss == runs[0][0]
+        assert all(np.array_equal(a, b) for a, b in zip(grads, runs[0][1], strict=True))
+    single, single_grads = kernels.rkd(g_s.numpy(), g_t.numpy(), 25.0, 50.0, 2, threads=1)
+    assert single == pytest.approx(runs[0][0], rel=1e-12)
+    for a, b in zip(single_grads, runs[0][1], strict=True):
+        assert np.abs(a - b).max() <= 1e-10 * np.abs(b).max()
+
+
+def test_rkd_nan_embedding_gives_nan_loss(rkd_form: str) -> None:
+    # the training loop's non-finite guard must see it (the kernel's clamps keep NaN)
+    student, teacher = randn(8, 4, seed=84), randn(8, 4, seed=85)
+    student[3, 1] = float("nan")
+    assert math.isnan(rkd_loss(student, teacher).item())
+    assert math.isnan(rkd_loss(teacher, student).item())
+
+
+def _rkd_in_forked_child(student: torch.Tensor, teacher: torch.Tensor, queue) -> None:
+    torch.set_num_threads(2)
+    queue.put(rkd_loss(student, teacher).item())
+
+
+def test_rkd_kernel_threads_work_in_a_forked_child() -> None:
+    # ddp_fork and DataLoader workers fork the process: a child has none of the parent's
+    # threads, so the kernel's thread pool must be made anew there, not waited on forever
+    import multiprocessing
+
+    student, teacher = randn(64, 16, seed=86), randn(64, 16, seed=87)
+    torch.set_num_threads(2)
+    expected = rkd_loss(student, teacher).item()  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_rkd_in_forked_child, args=(student, teacher, queue))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("rkd_loss hung in a forked child (the parent's thread pool was reused)")
+    assert child.exitcode == 0
+    assert queue.get(timeout=10) == pytest.approx(expected, rel=1e-12)
+
+
+def test_rkd_without_numba_warns_and_gives_the_same_value(monkeypatch) -> None:
+    import sys
+
+    student, teacher = randn(16, 8, seed=88), randn(16, 8, seed=89)
+    expected = rkd_loss(student, teacher).item()
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    monkeypatch.delitem(sys.modules, "kdbench.kernels", raising=False)
+    monkeypatch.delattr(sys.modules["kdbench"], "kernels", raising=False)
+    monkeypatch.setattr(losses, "_KERNELS", False)
+    with pytest.warns(RuntimeWarning, match="numba"):
+        value = rkd_loss(student, teacher).item()
+    assert losses._KERNELS is None
+    assert value == pytest.approx(expected, rel=1e-6)
 
 
 def test_rkd_batch_mismatch_raises() -> None:
