@@ -428,16 +428,16 @@ def _rkd_backprop(ec, g, d, r, live, a_g, a_h, a_r, a_d) -> torch.Tensor:
     return _through_gram(a_g + a_g.t(), ec)
 
 
-def _rkd_value_and_grads(e_s, e_t, distance_weight, angle_weight, mode, threads=1):
+def _rkd_value_and_grads(e_s, e_t, distance_weight, angle_weight, mode):
     """RKD's value and gradients in closed form: ``(loss, dL/de_s, dL/de_t)``, the student's
     gradient with ``mode`` >= 1, the teacher's with ``mode`` 2 (else None). On the CPU the
-    compiled form (``kdbench.kernels.rkd``, its angle term on ``threads`` threads), elsewhere
+    compiled form (``kdbench.kernels.rkd``), elsewhere
     :func:`_rkd_value_and_grads_torch`; the two agree to rounding (tests/test_losses.py)."""
     kernels = _cpu_kernels() if e_s.device.type == "cpu" else None
     if kernels is None:
         return _rkd_value_and_grads_torch(e_s, e_t, distance_weight, angle_weight, mode)
     (ec_s, g_s), (ec_t, g_t) = _rkd_gram(e_s), _rkd_gram(e_t)
-    loss, sym = kernels.rkd(g_s.numpy(), g_t.numpy(), distance_weight, angle_weight, mode, threads)
+    loss, sym = kernels.rkd(g_s.numpy(), g_t.numpy(), distance_weight, angle_weight, mode)
     ecs = (ec_s, ec_t)[:mode]
     grads = [_through_gram(torch.from_numpy(a), ec) for a, ec in zip(sym, ecs, strict=True)]
     return torch.tensor(loss), *(grads + [None, None])[:2]
@@ -484,16 +484,17 @@ class _RkdLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e_s, e_t, distance_weight, angle_weight, both):
         mode = 2 if both else 1 if ctx.needs_input_grad[0] else 0
-        # On the CPU the many small B x B steps run on one thread (the kernel has its own):
-        # with every core busy (other processes) a parallel region waits for a descheduled
-        # thread, which made an online rkd epoch ~30x slower on a loaded machine
+        # On the CPU the B x B steps around the kernel run on one thread: with every core busy
+        # (other processes) a parallel region waits for a descheduled thread, which made an
+        # online rkd epoch ~30x slower on a loaded machine (and at B = 128 a second thread
+        # gains nothing on a quiet one)
         threads = torch.get_num_threads()
         single = e_s.device.type == "cpu" and threads > 1
         if single:
             torch.set_num_threads(1)
         try:
             loss, grad_s, grad_t = _rkd_value_and_grads(
-                e_s, e_t, distance_weight, angle_weight, mode, threads
+                e_s, e_t, distance_weight, angle_weight, mode
             )
         finally:
             if single:

@@ -16,9 +16,10 @@ Writes results/perf.md. Sections:
 3. Start-up, in fresh processes: ``--help``, a config error, time to the first training step.
 4. Cold vs warm default run (``python -m kdbench``): empty cache vs data and teacher cached.
 5. Flagship (``--only flagship``): the RKD loss alone, its direct O(B^3 D) form (written here)
-   against kdbench's Gram-matrix form, and the wall time of ``python -m kdbench method=rkd
-   scheme=online`` against ``method=kd scheme=online``, alternated; ``--before PATH`` also
-   times another checkout (e.g. ``git worktree add /tmp/kdb_head HEAD``).
+   against kdbench's Gram-matrix forms (PyTorch, the CPU kernel), and the wall time of
+   ``python -m kdbench method=rkd scheme=online`` against ``method=kd scheme=online``,
+   alternated; ``--before PATH`` also times another checkout (e.g. ``git worktree add
+   /tmp/kdb_head HEAD``).
 
 6. Text (``--only text``): tokens/s of offline token-level kd on shakespeare_char (gpt_small ->
    gpt_tiny) against a hand-written loop doing the same, alternated.
@@ -599,19 +600,32 @@ def flagship_section(
         "## Flagship command: `python -m kdbench method=rkd scheme=online` vs `method=kd`",
         "",
         "RKD loss alone, forward + backward, batch 128 (student D as given, teacher D 128), "
-        f"median of {rounds} alternated rounds of 5 calls (best call of each round):",
+        f"median of {rounds} alternated rounds of 5 calls (best call of each round), "
+        f"{torch.get_num_threads()} threads: the direct O(B^3 D) form, kdbench's PyTorch "
+        "Gram form (its GPU path) and kdbench's CPU kernel (kdbench/kernels.py, what a CPU run "
+        "uses):",
         "",
-        "| D | direct O(B^3 D) form | Gram form (kdbench) | speed-up | max abs diff of the value "
-        "| max abs diff of the gradient / its max |",
-        "|---|---|---|---|---|---|",
+        "| D | direct O(B^3 D) form | PyTorch Gram form | CPU kernel | kernel vs direct "
+        "| max abs diff of the value | max abs diff of the gradient / its max |",
+        "|---|---|---|---|---|---|---|",
     ]
+    from kdbench import losses
+
+    def torch_form(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kernels, losses._KERNELS = losses._KERNELS, None
+        try:
+            return rkd_loss(x, t)
+        finally:
+            losses._KERNELS = kernels
+
+    forms = (("old", rkd_direct_reference), ("torch", torch_form), ("new", rkd_loss))
     gen = torch.Generator().manual_seed(0)
     for dim in (100, 128, 256):
         s = torch.relu(torch.randn(128, dim, generator=gen)) * 2.0 + 1.0
         t = torch.relu(torch.randn(128, 128, generator=gen))
-        times: dict[str, list[float]] = {"old": [], "new": []}
+        times: dict[str, list[float]] = {name: [] for name, _ in forms}
         for _ in range(rounds):
-            for name, fn in (("old", rkd_direct_reference), ("new", rkd_loss)):
+            for name, fn in forms:
                 best = math.inf
                 for _ in range(5):
                     x = s.clone().requires_grad_()
@@ -622,10 +636,10 @@ def flagship_section(
         a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
         va, vb = rkd_direct_reference(a, t), rkd_loss(b, t)
         va.backward(), vb.backward()
-        old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        old, mid, new = (statistics.median(times[k]) for k in ("old", "torch", "new"))
         grad = ((a.grad - b.grad).abs().max() / a.grad.abs().max()).item()
         lines.append(
-            f"| {dim} | {old:.1f} ms | {new:.1f} ms | {old / new:.1f}x "
+            f"| {dim} | {old:.1f} ms | {mid:.1f} ms | {new:.1f} ms | {old / new:.1f}x "
             f"| {abs(va.item() - vb.item()):.1e} | {grad:.1e} |"
         )
     env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp / "cache"), "KDBENCH_PRINT_METRICS": "0"}
