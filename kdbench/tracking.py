@@ -218,16 +218,27 @@ def set_status(logger, status: str) -> None:
 def set_status_after_error(logger, uri: str, status: str) -> None:
     """:func:`set_status` on the error path, where it must not raise: a signal (raised as
     KeyboardInterrupt wherever the run was) can leave the logger's client inside an unfinished
-    store transaction, so a fresh client tries again before giving up (a full or unreachable
-    store: the run stays RUNNING and the original error is what is reported)."""
+    store transaction, so fresh clients try again (after the abandoned one is collected, a few
+    times over ~2 s, reading the status back) before giving up (a full or unreachable store:
+    the run stays RUNNING and the original error is what is reported)."""
     try:
         set_status(logger, status)
-        return
+        if logger.experiment.get_run(logger._run_id).info.status == status:
+            return
     except Exception:  # noqa: BLE001 - retried below with a fresh connection
         pass
-    try:
-        from mlflow.tracking import MlflowClient
+    import gc
+    import time
 
-        MlflowClient(tracking_uri=uri).set_terminated(logger._run_id, status)
-    except Exception:  # noqa: BLE001 - the cause of the run's end is reported, not this
-        pass
+    from mlflow.tracking import MlflowClient
+
+    for attempt in range(4):
+        gc.collect()  # an interrupted session still holding the store's write lock
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.set_terminated(logger._run_id, status)
+            if client.get_run(logger._run_id).info.status == status:
+                return
+        except Exception:  # noqa: BLE001 - the cause of the run's end is reported, not this
+            pass
+        time.sleep(0.5 * (attempt + 1))
