@@ -189,10 +189,10 @@ def rkd(g_s, g_t, distance_weight: float, angle_weight: float, mode: int):
     (h_s, r_s, d_s, *_), (h_t, r_t, d_t, *_) = sides
     loss = rkd_distance(d_s, d_t, distance_weight, mode, sides[0][4], sides[1][4])
     sums = _workspace("angle", (6, batch, batch))  # gs, hs, ss, gt, ht, st
-    sums[0].fill(0.0)
-    sums[3].fill(0.0)
     if angle_weight:
         gs, hs, ss, gt, ht, st = sums
+        gs.fill(0.0)  # accumulated over the anchors; the kernel writes every row of the rest
+        gt.fill(0.0)
         total = rkd_angle_sums(g_s, h_s, r_s, g_t, h_t, r_t, gs, gt, hs, ht, ss, st)
         loss += angle_weight * total / batch**3
     else:

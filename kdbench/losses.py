@@ -363,11 +363,11 @@ def _rkd_angles(g: torch.Tensor, h: torch.Tensor, r: torch.Tensor, js: slice) ->
 
 
 def _rkd_angle_sums(student, teacher, mode: int) -> tuple[torch.Tensor, list]:
-    """The angle term's total and sums (see ``kdbench.kernels.rkd_angle_sums``: ``mode``, and
-    the order ``[gs, hs, ss, gt, ht, st]``) in PyTorch, a block of anchors at a time (no
-    ``B^3`` tensor is kept): the form for GPUs, MPS and a CPU without numba (the kernel's
-    order of operations differs, and it forms ``psi`` in float64, so the two agree to
-    rounding)."""
+    """The angle term's total and sums (``kdbench.kernels.rkd_angle_sums``'s, in the order
+    ``[gs, hs, ss, gt, ht, st]``; only the sides ``mode`` asks for are filled, the rest stay
+    zero) in PyTorch, a block of anchors at a time (no ``B^3`` tensor is kept): the form for
+    GPUs, MPS and a CPU without numba (the kernel's order of operations differs, and it forms
+    ``psi`` in float64, so the two agree to rounding)."""
     (g_s, h_s, r_s), (g_t, h_t, r_t) = student, teacher
     batch, device = g_s.shape[0], g_s.device
     # ~64 MB blocks on a GPU; ~1 MB (a CPU cache) elsewhere

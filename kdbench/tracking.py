@@ -218,9 +218,9 @@ def set_status(logger, status: str) -> None:
 def set_status_after_error(logger, uri: str, status: str) -> None:
     """:func:`set_status` on the error path, where it must not raise: a signal (raised as
     KeyboardInterrupt wherever the run was) can leave the logger's client inside an unfinished
-    store transaction, so fresh clients try again (after the abandoned one is collected, a few
-    times over ~2 s, reading the status back) before giving up (a full or unreachable store:
-    the run stays RUNNING and the original error is what is reported)."""
+    store transaction, so fresh clients try again (after the abandoned one is collected; four
+    times, 3 s of waits in all, reading the status back) before giving up (a full or
+    unreachable store: the run stays RUNNING and the original error is what is reported)."""
     try:
         set_status(logger, status)
         if logger.experiment.get_run(logger._run_id).info.status == status:
@@ -233,6 +233,8 @@ def set_status_after_error(logger, uri: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
     for attempt in range(4):
+        if attempt:
+            time.sleep(0.5 * attempt)
         gc.collect()  # an interrupted session still holding the store's write lock
         try:
             client = MlflowClient(tracking_uri=uri)
@@ -241,4 +243,3 @@ def set_status_after_error(logger, uri: str, status: str) -> None:
                 return
         except Exception:  # noqa: BLE001 - the cause of the run's end is reported, not this
             pass
-        time.sleep(0.5 * (attempt + 1))
