@@ -518,6 +518,8 @@ def run(
         if run_id is not None:
             exc.kdbench_run_id = run_id
             status = "KILLED" if pruned or signum else "FAILED"
+            if signum:
+                tracking.release_interrupted(exc)
             tracking.set_status_after_error(logger, tracking.tracking_uri(cfg), status)
         if signum:
             stopped = Interrupted(signum)

@@ -221,6 +221,10 @@ def tune(cfg: DictConfig) -> dict:
         summary = _tune(cfg, held)
     except BaseException as exc:
         stopped = isinstance(exc, KeyboardInterrupt | Interrupted)
+        if stopped:
+            from kdbench.tracking import release_interrupted
+
+            release_interrupted(exc)
         if "parent" in held:
             with contextlib.suppress(Exception):  # the error that ended the worker comes first
                 _end_parent(**held, status="KILLED" if stopped else "FAILED")
