@@ -72,11 +72,10 @@ def teacher_key(spec: DictConfig, dm, precision: str) -> str:
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str) -> dict:
     """Load weights into ``model`` (``weights_only=True``: a checkpoint cannot run code)."""
+    from kdbench.validate import check_teacher_checkpoint
+
+    check_teacher_checkpoint(path)
     path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise KdbenchError(
-            f"teacher.checkpoint={str(path)!r} does not exist: give the path of a saved state dict"
-        )
     try:
         # RepDistiller's *_last.pth also holds its argparse options (plain values, no code)
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -64,6 +64,17 @@ def check_method(m: DictConfig) -> None:
 TOPK_SCHEMES = ("offline", "seqkd", "onpolicy")
 
 
+def check_teacher_checkpoint(path) -> None:
+    """``teacher.checkpoint`` names a file (checked before any import of torch, so the error
+    comes at once; kdbench/teacher.py reads it)."""
+    from kdbench.errors import KdbenchError
+
+    if path and not os.path.isfile(os.path.expanduser(str(path))):
+        raise KdbenchError(
+            f"teacher.checkpoint={str(path)!r} does not exist: give the path of a saved state dict"
+        )
+
+
 def check_teacher_topk(cfg: DictConfig) -> None:
     """``method.teacher_topk``: null or an integer >= 1, with a scheme whose teacher is frozen."""
     k = cfg.method.get("teacher_topk")
@@ -518,6 +529,7 @@ def check_config(cfg: DictConfig) -> None:
     check_dataset(cfg.dataset)
     check_method(cfg.method)
     check_teacher_topk(cfg)
+    check_teacher_checkpoint(cfg.teacher.get("checkpoint"))
     check_optim(cfg.optim, "optim")
     check_optim(cfg.teacher.optim, "teacher.optim")
     check_resume(cfg.get("resume"))
