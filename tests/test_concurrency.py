@@ -29,6 +29,7 @@ def _modes(root: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_joblib_sweep_on_cold_store_and_cache_then_broken_caches(tmp_path):
     """(1) The first joblib sweep in a new directory: both jobs FINISH, the teacher is trained
     once (the other job waits for it), every cache file is whole and readable by all (0644).
@@ -140,6 +141,7 @@ def _parent_and_trials(tmp_path: Path):
     return parents, trials
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_two_tuning_workers_started_together_on_fresh_stores(tmp_path, tune_env):
     procs = [
         subprocess.Popen(
@@ -180,6 +182,7 @@ def _running_trial_run(db: Path) -> bool:
     return ("RUNNING",) in rows
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_killed_tuning_worker_trial_fails_and_parent_finishes_on_rerun(tmp_path, tune_env):
     worker = subprocess.Popen(
         _tune_cmd(tmp_path, "tune.n_trials=1", "tune.heartbeat_s=1", "trainer.max_epochs=200"),

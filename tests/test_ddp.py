@@ -76,6 +76,7 @@ def _run(tmp_path: Path, name: str, *overrides: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 @pytest.mark.parametrize("scheme", ["offline", "online"])
 def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, scheme):
     two = _run(

@@ -310,6 +310,7 @@ def _train_set_size() -> int:
     return len(dm.distill_set())
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_multinode_torchrun_and_srun_environment(tmp_path):
     """``trainer.num_nodes=2 trainer.devices=1 trainer.strategy=ddp`` in two processes each
     started as one node, both at once on a cold cache: by ``torchrun --nnodes=2`` (Lightning's
@@ -371,6 +372,7 @@ def test_multinode_torchrun_and_srun_environment(tmp_path):
 # -- SQLite: several local processes on the default stores ---------------------------------
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_sqlite_parallel_runs_and_tune_workers(tmp_path):
     """Three ``python -m kdbench`` runs and three ``python -m kdbench.tune`` workers (a trial
     each) started at once on one fresh SQLite MLflow store and one fresh SQLite Optuna study:
