@@ -42,20 +42,34 @@ def sqlite_path(url: str) -> Path | None:
 PG_LOCK_KEY = 0x6B646265
 
 
+PG_CONNECT_TIMEOUT_S = 10  # a host that drops packets: no 2-minute TCP wait
+
+
 @contextlib.contextmanager
 def _postgres_lock(url: str):
     """PostgreSQL's session advisory lock ``PG_LOCK_KEY`` on the database of ``url``, held on a
     connection of its own. Without it, two processes opening a fresh database at once both
     create the schema and one fails (``duplicate key value violates unique constraint
     "pg_type_typname_nsp_index"``: MLflow's and Optuna's ``alembic_version``). A database that
-    cannot be reached is no lock: opening the store reports why."""
-    try:
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.pool import NullPool
+    cannot be reached (no server, a wrong host, password or database name) is one line here,
+    at once: MLflow's own open retries for ~2 minutes and ends in a traceback."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.pool import NullPool
 
-        engine = create_engine(url, poolclass=NullPool)
+    try:
+        engine = create_engine(
+            url, poolclass=NullPool, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        )
         con = engine.connect()
-    except Exception:  # noqa: BLE001 - unreachable, bad credentials: the store's open says so
+    except OperationalError as exc:
+        cause = str(exc.orig or exc).strip().splitlines()
+        raise KdbenchError(
+            f"the database at {url} cannot be reached ({cause[0] if cause else 'no reason given'})"
+            ": start its server or fix the URL (mlflow.tracking_uri / MLFLOW_TRACKING_URI, or "
+            "tune.storage)"
+        ) from None
+    except Exception:  # noqa: BLE001 - a missing driver and the like: the store's open says so
         yield False
         return
     try:

@@ -95,6 +95,33 @@ def _tune_cmd(storage: str, study: str, n_trials: int, out: Path, *extra: str) -
     ]
 
 
+# -- PostgreSQL that cannot be reached: one line, at once ---------------------------------------
+
+
+def test_a_database_that_cannot_be_reached_is_one_line(postgres, tmp_path):
+    """No server on the port, and a database the (real) server does not have: each is one line
+    naming the URL (no password) and the fix, exit 2, no run anywhere; MLflow's own open would
+    retry for about two minutes and end in a traceback."""
+    require_module("psycopg")
+    missing = postgres.uri("no_such_database")
+    nobody = f"postgresql+psycopg://kd:secret@127.0.0.1:{free_port()}/kd"
+    for uri, why in ((nobody, "Connection refused"), (missing, "does not exist")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "kdbench", *TINY, f"mlflow.tracking_uri={uri}"],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("kdbench: error: the database at postgresql+psycopg://"), last
+        assert "cannot be reached" in last and "start its server or fix the URL" in last, last
+        assert why in last and "Traceback" not in proc.stderr and "secret" not in proc.stderr
+    assert not list(tmp_path.rglob("*.db"))  # no store was made anywhere else instead
+
+
 # -- PostgreSQL: two tuning workers on one study --------------------------------------------
 
 
