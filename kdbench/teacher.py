@@ -58,7 +58,7 @@ def teacher_key(spec: DictConfig, dm, precision: str) -> str:
         "version": CACHE_VERSION,
         "arch": spec.get("arch"),
         "kwargs": _plain(spec.get("kwargs")),
-        "data": dm.cache_key(),
+        "data": dm.labelled_key(),  # a teacher trains on the labelled samples alone
         "batch_size": spec.batch_size,
         "epochs": spec.epochs,
         "optim": OmegaConf.to_container(spec.optim, resolve=True),

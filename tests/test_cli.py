@@ -68,6 +68,25 @@ def test_help_and_cfg_job_work(cwd):
     assert proc.returncode == 0 and "name: rkd" in proc.stdout and "seed: 0" in proc.stdout
 
 
+def test_a_transfer_size_sweep_trains_the_teacher_once(cwd):
+    """The teacher trains on the labelled samples alone: a sweep over the transfer set's size
+    (or its seed) reuses the teacher the first job trained."""
+    uri = f"sqlite:///{cwd / 'transfer.db'}"
+    sweep = ["-m", "dataset.transfer_size=200,400", "teacher.seed=11"]
+    proc = run_cli(*sweep, cwd=cwd, env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = mlflow_runs("kdbench", uri=uri)
+    assert sorted(r.data.tags["teacher_source"] for r in runs) == ["cache", "trained"]
+    assert len({r.data.metrics["teacher/test/acc"] for r in runs}) == 1
+    assert len({r.data.params["dataset.transfer_size"] for r in runs}) == 2
+    proc = run_cli(
+        "dataset.transfer_seed=5", "teacher.seed=11", cwd=cwd, env={"MLFLOW_TRACKING_URI": uri}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = mlflow_runs("kdbench", uri=uri)
+    assert sorted(r.data.tags["teacher_source"] for r in runs) == ["cache", "cache", "trained"]
+
+
 def test_multirun_sweep_runs_every_combination(cwd, workdir):
     uri = f"sqlite:///{cwd / 'sweep.db'}"
     proc = run_cli("-m", "method=none,kd", "seed=0,1", cwd=cwd, env={"MLFLOW_TRACKING_URI": uri})

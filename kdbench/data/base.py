@@ -97,6 +97,9 @@ class ArrayDataModule(L.LightningDataModule):
     name = "arrays"
     num_classes: int
     has_generator = False  # can make an unlabelled transfer set of any size
+    # generation options that shape the transfer set alone (not in a teacher's key); a data set
+    # whose labelled splits depend on the transfer set's size must not be generated that way
+    transfer_only: tuple[str, ...] = ()
     storage_dtype: torch.dtype = torch.float32  # dtype of the stored x tensors
     input_dtype: torch.dtype = torch.float32  # dtype of model input (after batch_transform)
 
@@ -200,6 +203,15 @@ class ArrayDataModule(L.LightningDataModule):
             "transfer_size": self.transfer_size,
             **{k: v for k, v in sorted(self.generation.items())},
         }
+
+    def labelled_key(self) -> dict:
+        """What determines the labelled splits alone, on which a teacher trains: the cache key
+        less the transfer set's size and the options that shape only the transfer set
+        (``transfer_only``). A sweep over ``dataset.transfer_size`` reuses one cached teacher."""
+        key = self.cache_key()
+        for k in ("transfer_size", *self.transfer_only):
+            key.pop(k, None)
+        return key
 
     # -- arrays, cached on disk ---------------------------------------------------------
     def _cache_path(self, what: dict) -> Path:

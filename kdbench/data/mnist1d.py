@@ -16,6 +16,7 @@ from kdbench.errors import ConfigError
 class MNIST1D(ArrayDataModule):
     num_classes = 10
     has_generator = True
+    transfer_only = ("transfer_seed",)  # the transfer set is generated apart (generate())
 
     def __init__(
         self,
