@@ -195,7 +195,7 @@ def prepare(cfg: DictConfig) -> Context:
 
     from kdbench.errors import checked_instantiate
     from kdbench.methods import build_method
-    from kdbench.validate import check_config
+    from kdbench.validate import check_config, limits_train_batches
 
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -242,7 +242,9 @@ def prepare(cfg: DictConfig) -> Context:
     if ctx.deploy is not None:  # before data and training (deploy=qat: fake quantization)
         ctx.deploy.prepare(ctx)
     dm.use_transfer = method.uses_teacher
-    dm.steps_per_call = dm.resolve_steps(cfg.get("steps_per_call", 1))
+    dm.steps_per_call = dm.resolve_steps(
+        cfg.get("steps_per_call", 1), limited=limits_train_batches(cfg.trainer)
+    )
     dm.shuffle_seed = cfg.seed
     return ctx
 
@@ -342,15 +344,17 @@ class Runner:
         own = resume and self.resume.run_id  # (a checkpoint of no known run starts a new one here)
         ckpt_dir = Path(resume).parent if own else self.root / "checkpoints" / (name or "run")
         ckpt = ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best",
-            monitor="val/acc",
-            mode="max",
-            save_last=True,  # last.ckpt: the full training state after every epoch (resume)
-            save_weights_only=False,
+            dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", save_last=False
+        )
+        # last.ckpt: the full training state after every epoch (resume). Not save_last=True:
+        # Lightning writes that one only in epochs whose val/acc improved, so a run killed
+        # after epochs of no gain would resume epochs back. After `ckpt` (Lightning keeps the
+        # order), so each last.ckpt holds this epoch's best score too.
+        last_ckpt = ModelCheckpoint(
+            dirpath=ckpt_dir, filename="last", monitor=None, enable_version_counter=False
         )
         trainer = make_trainer(
-            self.cfg, self.root, logger=self.logger, callbacks=[ckpt, *self.callbacks]
+            self.cfg, self.root, logger=self.logger, callbacks=[ckpt, last_ckpt, *self.callbacks]
         )
         L.seed_everything(self.cfg.seed, workers=True, verbose=False)
         prefix = f"{name}_" if name else ""

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, mlflow_runs, run_cli
 
 # long enough epochs that the kill lands mid-run (the kill waits for the first last.ckpt)
@@ -195,6 +196,26 @@ def test_the_run_logger_pickles_for_ddp_spawn(tmp_path):
     run_id = logger.run_id  # the MLflow run exists before the trainer is pickled
     again = pickle.loads(pickle.dumps(logger))  # ddp_spawn pickles the trainer and its loggers
     assert again.run_id == run_id and type(again).finalize is type(logger).finalize
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_validation_did_not_improve(tmp_path):
+    """Lightning's ``save_last`` writes last.ckpt only in epochs whose val/acc improved; a run
+    killed after epochs of no gain would then resume epochs back. With a learning rate too small
+    to change anything, val/acc is the same every epoch: best.ckpt stays at epoch 0 and
+    last.ckpt must hold epoch 2 (and the best score, for the resumed fit's model selection)."""
+    proc = run_cli(
+        "trainer.max_epochs=3", "optim.lr=1e-30", "efficiency.enabled=false", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = tmp_path.glob("outputs/*/*/checkpoints/run")
+    best, last = (
+        torch.load(folder / f, map_location="cpu", weights_only=False)
+        for f in ("best.ckpt", "last.ckpt")
+    )
+    assert best["epoch"] == 0 and last["epoch"] == 2
+    assert last["global_step"] == 3 * best["global_step"]
+    scores = [c.get("best_model_score") for c in last["callbacks"].values()]
+    assert best["callbacks"] and any(s is not None for s in scores)
 
 
 INTERRUPTED_WRITES = """
