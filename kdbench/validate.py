@@ -64,6 +64,28 @@ def check_method(m: DictConfig) -> None:
 TOPK_SCHEMES = ("offline", "seqkd", "onpolicy")
 
 
+def limits_train_batches(trainer: DictConfig) -> bool:
+    """Whether ``trainer.limit_train_batches`` cuts the epoch (an int counts batches, 1 too; a
+    float is a fraction, 1.0 the whole epoch)."""
+    limit = trainer.get("limit_train_batches")
+    return limit is not None and not (isinstance(limit, float) and limit == 1.0)
+
+
+def check_steps_per_call(cfg: DictConfig) -> None:
+    """Lightning's ``limit_train_batches`` counts served batches; with ``steps_per_call`` > 1
+    each would hold that many optimisation steps (and a fraction of an epoch served as one
+    batch fails inside Lightning). ``auto`` then serves one step per batch (data/base.py);
+    an explicit number above 1 is refused."""
+    steps = cfg.get("steps_per_call", "auto")
+    if steps not in ("auto", 1) and limits_train_batches(cfg.trainer):
+        raise ConfigError(
+            "steps_per_call",
+            steps,
+            "must be 1 or auto with trainer.limit_train_batches, which Lightning counts in served "
+            f"batches (each would hold {steps} optimisation steps)",
+        )
+
+
 def check_teacher_checkpoint(path) -> None:
     """``teacher.checkpoint`` names a file (checked before any import of torch, so the error
     comes at once; kdbench/teacher.py reads it)."""
@@ -530,6 +552,7 @@ def check_config(cfg: DictConfig) -> None:
     check_method(cfg.method)
     check_teacher_topk(cfg)
     check_teacher_checkpoint(cfg.teacher.get("checkpoint"))
+    check_steps_per_call(cfg)
     check_optim(cfg.optim, "optim")
     check_optim(cfg.teacher.optim, "teacher.optim")
     check_resume(cfg.get("resume"))

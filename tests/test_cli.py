@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,27 @@ def test_help_and_cfg_job_work(cwd):
     assert proc.returncode == 0 and "name: rkd" in proc.stdout and "seed: 0" in proc.stdout
 
 
+def test_limit_train_batches_counts_optimisation_steps(cwd):
+    """Lightning's ``trainer.limit_train_batches`` means what it says in Lightning: with the
+    default ``steps_per_call=auto`` each served batch is then one step (3 batches, 2 epochs: 6
+    steps, not 6 x 32), and a fraction of the epoch runs (it once failed inside Lightning):
+    0.5 of 13 batches (400 labelled + 400 transfer samples, 64 a batch) is 6 an epoch."""
+    import glob
+
+    for extra, steps in (
+        (["++trainer.limit_train_batches=3"], 6),
+        (["++trainer.limit_train_batches=0.5", "scheme=pskd"], 12),
+    ):
+        proc = run_cli(*extra, "mlflow.experiment=limit", "efficiency.enabled=false", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (ckpt,) = glob.glob(str(cwd / "outputs/*/*/checkpoints/run/last.ckpt"))
+        step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+        assert step == steps, step
+        shutil.rmtree(cwd / "outputs")
+    _, runs = mlflow_runs("limit")
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+
+
 def test_a_transfer_size_sweep_trains_the_teacher_once(cwd):
     """The teacher trains on the labelled samples alone: a sweep over the transfer set's size
     (or its seed) reuses the teacher the first job trained."""
@@ -112,6 +134,10 @@ BAD = [
     (
         ["dataset=digits", "dataset.transfer_size=100"],
         "dataset digits cannot generate unlabelled samples",
+    ),
+    (
+        ["++trainer.limit_train_batches=2", "steps_per_call=4"],
+        "steps_per_call=4 is invalid: must be 1 or auto with trainer.limit_train_batches",
     ),
     (
         ["teacher.checkpoint=/nonexistent/teacher.pt"],

@@ -309,10 +309,14 @@ class ArrayDataModule(L.LightningDataModule):
         (the scheme splits it back into steps of ``batch_size``)."""
         return self._loader(self.distill_set(), self.batch_size * self.steps_per_call, True)
 
-    def resolve_steps(self, value) -> int:
+    def resolve_steps(self, value, limited: bool = False) -> int:
         """``steps_per_call``: an integer >= 1, or ``auto``: as many as fit in 32 MB of stored
         samples, at most 32 (tiny steps amortise the training loop's per-batch cost, about 1 ms
-        per served batch on the CPU; large ones gain nothing and would hold more memory)."""
+        per served batch on the CPU; large ones gain nothing and would hold more memory), and 1
+        where ``trainer.limit_train_batches`` is ``limited`` (Lightning counts served batches:
+        one step each, as there)."""
+        if value == "auto" and limited:
+            return 1
         if value == "auto":
             per_sample = torch.empty((), dtype=self.storage_dtype).element_size()
             per_sample *= math.prod(self.stored_shape)
