@@ -117,6 +117,8 @@ class _mnist1d_cache_key_only:
     def cache_key(self):
         return {"name": "mnist1d"}
 
+    labelled_key = cache_key  # (no transfer set here)
+
 
 def _user_module(tmp_path: Path, monkeypatch):
     (tmp_path / "mymodels.py").write_text(MYMODELS)

@@ -74,6 +74,7 @@ def _artifacts(uri: str, run_id: str) -> set[str]:
     return {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_int8_run_exports_checks_and_quantizes(store):
     """deploy=int8: student.onnx equals PyTorch on the test set (max |diff| <= 1e-4, checked here
     from the artifacts, not only the logged figure), the int8 model is within INT8_MARGIN of the
@@ -136,6 +137,7 @@ def test_int8_run_exports_checks_and_quantizes(store):
     assert options["calibration"] == "static" and options["calibration_samples"] == 1024
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_qat_run_trains_with_fake_quantization_and_ships_int8(store):
     _, uri, _, before = store
     _, runs = mlflow_runs("kdbench", uri=uri)
@@ -149,6 +151,7 @@ def test_qat_run_trains_with_fake_quantization_and_ships_int8(store):
     assert not any(k.startswith("deploy/onnx/") for k in before[run.info.run_id])  # int8 only
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_export_of_an_earlier_run_logs_into_that_run(store):
     """python -m kdbench.export last deploy=onnx on the qat run (an MLP, the latest run), and
     RUN_ID deploy=prune on the int8 run (a CNN with BatchNorm): metrics and files land in those
@@ -182,6 +185,7 @@ def _snapshot(uri):
     return {r.info.run_id: (dict(r.data.metrics), _artifacts(uri, r.info.run_id)) for r in runs}
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_export_refuses_bad_runs_in_one_line_writing_nothing(store, capsys):
     """A bad run id, a run with no student: one line naming the run and the reason, exit 2,
     the store unchanged (no metric, no file)."""
@@ -215,6 +219,7 @@ def test_export_refuses_bad_runs_in_one_line_writing_nothing(store, capsys):
     client.delete_run(empty.info.run_id)
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_leaderboard_shows_the_deployed_rows(store):
     """Deployed rows (``cnn1d_small int8`` ...) carry the deployed accuracy, file size, latency
     and throughput; the float row of the int8 run is the float student's."""

@@ -125,6 +125,7 @@ def test_a_database_that_cannot_be_reached_is_one_line(postgres, tmp_path):
 # -- PostgreSQL: two tuning workers on one study --------------------------------------------
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_postgres_two_tune_workers(postgres, tmp_path):
     """Two ``python -m kdbench.tune`` workers started together on one study, the Optuna study
     and the MLflow store both in fresh PostgreSQL databases (no server: the workers open the
