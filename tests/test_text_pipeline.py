@@ -130,6 +130,7 @@ def test_arithmetic_seqkd_exact_match(tmp_path):
     assert runs["seqkd"].data.metrics["seqkd/sequences"] == 256 - 32
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_topk_teacher_online_and_self(tmp_path):
     """method.teacher_topk=K: the cached teacher outputs hold K+1 buckets and K ids per token
     (4 bytes each); the online and self schemes distil language models per token too."""

@@ -104,6 +104,7 @@ def test_byot_scheme_terms_are_the_papers_loss_and_assistant_keys_chain():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_byot_cli_reports_every_exit_and_refuses_a_student_without_stages(tmp_path):
     from kdbench.leaderboard import load_runs, summarize
 
@@ -153,6 +154,7 @@ def test_byot_cli_reports_every_exit_and_refuses_a_student_without_stages(tmp_pa
     assert "student=cnn1d_small" in errors[0]
 
 
+@pytest.mark.slow  # long: python -m pytest -m slow (CI runs it)
 def test_takd_cli_trains_each_assistant_once_and_reuses_it(tmp_path):
     """teacher -> one small assistant -> mlp, twice: the first run trains and caches the
     assistant, the second loads it (tag and log say so) and, from the same assistant, gets
