@@ -197,8 +197,8 @@ def _deploy(client, run, composed, cls, tmp: Path, efficiency_overrides=()):
     teacher = build_model(cfg, "teacher", dm)
     # its checkpoint or cache entry, else none (an offline method=tfkd run trained no teacher)
     from kdbench.methods import build_method
+    from kdbench.run import steps_per_call
     from kdbench.schemes.offline import Offline
-    from kdbench.validate import limits_train_batches
 
     teacher_free = scheme is Offline and build_method(cfg.method).teacher_free
     trained = bool(scheme.needs_pretrained_teacher) and not teacher_free
@@ -215,9 +215,7 @@ def _deploy(client, run, composed, cls, tmp: Path, efficiency_overrides=()):
     out.mkdir()
     job = Job(cfg, dm, student, teacher, out, best_state, teacher_trained=trained)
     dm.use_transfer = False  # as a run's data module is set up (kdbench.run.prepare)
-    dm.steps_per_call = dm.resolve_steps(
-        cfg.get("steps_per_call", 1), limited=limits_train_batches(cfg.trainer)
-    )
+    dm.steps_per_call = steps_per_call(cfg, dm)
     dm.shuffle_seed = cfg.seed
     metrics = run_form(cls(cfg), job)
     return metrics, sorted(out.iterdir()), job.tags

@@ -195,7 +195,7 @@ def prepare(cfg: DictConfig) -> Context:
 
     from kdbench.errors import checked_instantiate
     from kdbench.methods import build_method
-    from kdbench.validate import check_config, limits_train_batches
+    from kdbench.validate import check_config
 
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -242,11 +242,17 @@ def prepare(cfg: DictConfig) -> Context:
     if ctx.deploy is not None:  # before data and training (deploy=qat: fake quantization)
         ctx.deploy.prepare(ctx)
     dm.use_transfer = method.uses_teacher
-    dm.steps_per_call = dm.resolve_steps(
-        cfg.get("steps_per_call", 1), limited=limits_train_batches(cfg.trainer)
-    )
+    dm.steps_per_call = steps_per_call(cfg, dm)
     dm.shuffle_seed = cfg.seed
     return ctx
+
+
+def steps_per_call(cfg: DictConfig, dm) -> int:
+    """``cfg.steps_per_call`` resolved for ``dm`` (``auto``: one step per served batch where
+    ``trainer.limit_train_batches`` cuts the epoch; see ``ArrayDataModule.resolve_steps``)."""
+    from kdbench.validate import limits_train_batches
+
+    return dm.resolve_steps(cfg.get("steps_per_call", 1), limited=limits_train_batches(cfg.trainer))
 
 
 def make_trainer(cfg: DictConfig, root: Path, **overrides):

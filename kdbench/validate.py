@@ -13,7 +13,7 @@ import os
 
 from omegaconf import DictConfig, ListConfig
 
-from kdbench.errors import ConfigError
+from kdbench.errors import ConfigError, KdbenchError
 from kdbench.modelspec import check_model_config
 
 KNOWLEDGE_TYPES = ("none", "response", "feature", "attention", "relation")
@@ -89,8 +89,6 @@ def check_steps_per_call(cfg: DictConfig) -> None:
 def check_teacher_checkpoint(path) -> None:
     """``teacher.checkpoint`` names a file (checked before any import of torch, so the error
     comes at once; kdbench/teacher.py reads it)."""
-    from kdbench.errors import KdbenchError
-
     if path and not os.path.isfile(os.path.expanduser(str(path))):
         raise KdbenchError(
             f"teacher.checkpoint={str(path)!r} does not exist: give the path of a saved state dict"
